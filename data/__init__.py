@@ -1,0 +1,1 @@
+"""Open-Llama: data pipeline package."""

@@ -1,0 +1,1 @@
+"""Open-Llama: tokenizer and datasets (pretraining stream, instruction and preference data)."""

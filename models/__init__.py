@@ -1,0 +1,1 @@
+"""Open-Llama: the Llama model, attention backends, Hugging Face import/export."""

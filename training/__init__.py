@@ -1,0 +1,1 @@
+"""Open-Llama: the one training loop shared by pretraining, SFT and DPO."""

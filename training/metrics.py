@@ -1,0 +1,205 @@
+"""Training metrics: progress bar, metrics.jsonl, optional wandb, MFU and the loss-curve plot.
+
+Only the main process writes. wandb is optional and never allowed to stop a run: a missing package,
+no network or any wandb error becomes a logged warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import LoggingConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets, no sparsity), matched against
+# torch.cuda.get_device_name() in order, so the more specific names come first.
+PEAK_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("H20", 148e12),
+    ("B200", 2250e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("A6000", 155e12),
+    ("RTX 6000 Ada", 364e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+    ("V100", 125e12),  # fp16 (V100 has no bf16)
+    ("T4", 65e12),  # fp16
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
+]
+
+
+def peak_flops_per_device(device: torch.device, override: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: `override` if given, else the table entry for this GPU, else None."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS:
+        if key in name:
+            return flops
+    log.warning("no peak-FLOPs entry for %r: MFU shows n/a (set --train.peak_flops)", name)
+    return None
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory (GPU) or peak resident set size of this process (CPU), in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class MetricsLogger:
+    """Writes metric records (dicts with a 'step') to the bar, metrics.jsonl and wandb (main process)."""
+
+    def __init__(
+        self,
+        config: LoggingConfig,
+        output_dir: str | Path,
+        *,
+        is_main: bool,
+        total_steps: int,
+        start_step: int,
+        run_config: dict[str, Any],
+    ) -> None:
+        self.config = config
+        self.is_main = is_main
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.bar = None
+        self.wandb = None
+        if not is_main:
+            return
+        self._truncate_after(start_step)
+        if config.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if config.wandb_project:
+            self.wandb = _start_wandb(config, Path(output_dir), run_config)
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop records past `step`: a resumed run logs those steps again (a checkpoint is a clean cut)."""
+        if not self.path.exists():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def advance(self, n: int = 1) -> None:
+        """Move the progress bar by `n` steps."""
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, record: dict[str, Any], *, bar: dict[str, str] | None = None) -> None:
+        """Append one record to metrics.jsonl, send it to wandb and show `bar` figures on the progress bar."""
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.bar is not None and bar:
+            self.bar.set_postfix(bar, refresh=False)
+        if self.wandb is not None:
+            try:
+                self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            except Exception as exc:
+                log.warning("wandb.log failed (%s); wandb disabled for the rest of the run", exc)
+                self.wandb = None
+
+    def message(self, text: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        """Close the bar and wandb, and draw the loss curve."""
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.config.plot and self.path.exists():
+            try:
+                plot_loss_curve(self.path, self.path.with_name("loss_curve.png"))
+            except Exception as exc:  # a plotting problem must not fail a finished run
+                log.warning("could not draw the loss curve: %s", exc)
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception as exc:
+                log.warning("wandb.finish failed: %s", exc)
+
+
+def _start_wandb(config: LoggingConfig, output_dir: Path, run_config: dict[str, Any]):
+    try:
+        import wandb
+    except ImportError:
+        log.warning(
+            "wandb_project is set but wandb is not installed (pip install wandb): not logging to wandb"
+        )
+        return None
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    try:
+        return wandb.init(
+            project=config.wandb_project,
+            name=config.wandb_run_name or output_dir.name,
+            dir=str(output_dir),
+            config=run_config,
+            mode=os.environ.get("WANDB_MODE", mode),
+        )
+    except Exception as exc:
+        log.warning("wandb.init failed (%s): not logging to wandb", exc)
+        return None
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
+    """Train loss (and validation loss, if any) against step, from metrics.jsonl, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out_path)

@@ -11,7 +11,7 @@ are built once, not per layer) and then `backend(q, k, v, mask)` in every layer.
 | sdpa       | torch scaled_dot_product_attention (flash / mem-efficient   | CPU, GPU (default) |
 |            | kernels on GPU when no dense mask is needed)                |                    |
 | eager      | explicit softmax(QK^T/sqrt(d)) V: the reference             | anywhere           |
-| flex       | torch flex_attention with a causal+document block mask       | CPU, GPU           |
+| flex       | torch flex_attention with a causal+document block mask       | GPU; CPU inference |
 | xformers   | xformers memory_efficient_attention                          | GPU, optional      |
 | flash_attn | FlashAttention-2 (varlen kernel for packed documents)        | GPU, optional      |
 
@@ -114,6 +114,9 @@ class FlexBackend(AttentionBackend):
 
         self._create_block_mask = create_block_mask
         self._flex_attention = flex_attention
+        # The fused kernel comes from compiling; uncompiled flex materialises the scores (fine for CPU tests,
+        # where torch also has no flex backward). Compiled lazily, on first GPU use.
+        self._flex_attention_compiled = None
 
     def prepare(
         self, *, q_len: int, kv_len: int, document_ids: torch.Tensor | None, device: torch.device
@@ -133,7 +136,12 @@ class FlexBackend(AttentionBackend):
         )
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
-        return self._flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        attend = self._flex_attention
+        if q.is_cuda:
+            if self._flex_attention_compiled is None:
+                self._flex_attention_compiled = torch.compile(self._flex_attention)
+            attend = self._flex_attention_compiled
+        return attend(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 @dataclass

@@ -1,0 +1,143 @@
+"""Attention backends agree with the eager reference (forward and backward), and document masking makes a
+packed row behave exactly like its documents run one by one."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from models.attention import BACKENDS, get_attention_backend
+from models.llama import Llama, ModelConfig
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def backend_or_skip(name: str):
+    """The backend, or a skip that says why it cannot run here."""
+    needs = {"xformers": "xformers", "flash_attn": "flash_attn"}
+    if name in needs:
+        if not HAS_CUDA:
+            pytest.skip(f"{name} needs a CUDA GPU")
+        if importlib.util.find_spec(needs[name]) is None:
+            pytest.skip(f"{name} is not installed (pip install -r requirements-gpu.txt)")
+    return get_attention_backend(name)
+
+
+def device_and_dtype(name: str) -> tuple[str, torch.dtype, float]:
+    if name in ("xformers", "flash_attn"):
+        return "cuda", torch.bfloat16, 2e-2
+    return ("cuda" if HAS_CUDA else "cpu"), torch.float32, 1e-5
+
+
+def flex_backward_supported(device: str) -> bool:
+    # torch's FlexAttention has no CPU backward (NotImplementedError: "does not support backward on CPU").
+    return device != "cpu"
+
+
+def qkv(batch: int, hq: int, hkv: int, t: int, d: int, device: str, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    make = lambda h: torch.randn(batch, h, t, d, generator=gen).to(device, dtype).requires_grad_()  # noqa: E731
+    return make(hq), make(hkv), make(hkv)
+
+
+def packed_documents(batch: int, lengths: list[int], device: str) -> torch.Tensor:
+    ids = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)])
+    return ids.expand(batch, -1).to(device)
+
+
+@pytest.mark.parametrize("name", sorted(set(BACKENDS) - {"eager"}))
+@pytest.mark.parametrize("documents", [False, True], ids=["causal", "documents"])
+def test_backend_agrees_with_eager_forward_and_backward(name, documents):
+    backend = backend_or_skip(name)
+    device, dtype, tol = device_and_dtype(name)
+    eager = get_attention_backend("eager")
+    t = 48
+    document_ids = packed_documents(2, [10, 25, 13], device) if documents else None
+    q, k, v = qkv(2, 4, 2, t, 16, device, dtype)
+    grad_out = torch.randn(2, 4, t, 16, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    reference = eager(q, k, v, eager.prepare(q_len=t, kv_len=t, document_ids=document_ids, device=q.device))
+    want_grads = torch.autograd.grad(reference, (q, k, v), grad_out)
+
+    backward = name != "flex" or flex_backward_supported(device)
+    if not backward:  # flex refuses inputs that require grad where it has no backward
+        q, k, v = (x.detach() for x in (q, k, v))
+    out = backend(q, k, v, backend.prepare(q_len=t, kv_len=t, document_ids=document_ids, device=q.device))
+    assert (out.float() - reference.float()).abs().max() <= tol
+    if not backward:
+        pytest.skip("forward agrees; torch's flex_attention has no backward on CPU")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for got, want in zip(grads, want_grads):
+        assert (got.float() - want.float()).abs().max() <= tol * 10
+
+
+@pytest.mark.parametrize("name", ["sdpa", "eager", "flex"])
+def test_decoding_step_masks_agree(name):
+    """Queries that are the last rows of a longer key sequence (KV-cache decoding), with documents."""
+    backend = backend_or_skip(name)
+    eager = get_attention_backend("eager")
+    device = "cuda" if HAS_CUDA else "cpu"
+    q = qkv(2, 4, 2, 3, 16, device, torch.float32)[0].detach()
+    k, v = (x.detach() for x in qkv(2, 4, 2, 20, 16, device, torch.float32)[1:])
+    document_ids = packed_documents(2, [5, 15], device)
+    with torch.no_grad():
+        for docs in (None, document_ids):
+            want = eager(q, k, v, eager.prepare(q_len=3, kv_len=20, document_ids=docs, device=q.device))
+            got = backend(q, k, v, backend.prepare(q_len=3, kv_len=20, document_ids=docs, device=q.device))
+            assert (got - want).abs().max() <= 1e-5
+
+
+def test_eager_reference_is_softmax_attention():
+    """The reference itself against a loop over queries written from the definition."""
+    eager = get_attention_backend("eager")
+    q, k, v = qkv(1, 2, 1, 6, 8, "cpu", torch.float32)
+    docs = packed_documents(1, [2, 4], "cpu")
+    out = eager(q, k, v, eager.prepare(q_len=6, kv_len=6, document_ids=docs, device=q.device))
+    for h in range(2):
+        for i in range(6):
+            visible = [j for j in range(i + 1) if docs[0, j] == docs[0, i]]
+            scores = torch.stack([q[0, h, i] @ k[0, 0, j] for j in visible]) / 8**0.5
+            want = torch.softmax(scores, 0) @ v[0, 0, visible]
+            assert torch.allclose(out[0, h, i], want, atol=1e-5)
+
+
+def test_unknown_and_missing_backends_have_clear_errors():
+    with pytest.raises(ValueError, match="choose one of"):
+        get_attention_backend("fast")
+    for name, module in (("xformers", "xformers"), ("flash_attn", "flash_attn")):
+        if importlib.util.find_spec(module) is None:
+            with pytest.raises(ImportError, match="requirements-gpu.txt"):
+                get_attention_backend(name)
+
+
+@pytest.mark.parametrize("name", ["sdpa", "eager", "flex"])
+@pytest.mark.parametrize("stable", [False, True])
+def test_packed_row_equals_documents_run_one_by_one(name, stable):
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, stable_embedding=stable, attention_backend=name
+    )
+    model = Llama(config).eval()
+    lengths = [7, 16, 1, 9]
+    docs = [torch.randint(0, 97, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed_logits = model(packed, position_ids=position_ids).logits
+        one_by_one = torch.cat([model(doc).logits for doc in docs], dim=1)
+    assert (packed_logits - one_by_one).abs().max() <= 1e-5
+
+
+def test_packed_loss_equals_weighted_per_document_loss():
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
+    lengths = [12, 20]
+    docs = [torch.randint(0, 97, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    labels = packed.clone()
+    labels[0, lengths[0]] = -100  # the first token of a document is not predicted from the previous one
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed_loss = model(packed, labels=labels, position_ids=positions).loss
+    per_doc = [model(d, labels=d).loss * (d.shape[1] - 1) for d in docs]
+    assert packed_loss.item() == pytest.approx((sum(per_doc) / (sum(lengths) - 2)).item(), abs=1e-5)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Download The Pile and shard it:  bash data/download_the_pile.sh [OUT_DIR]
+#   OUT_DIR (default corpus/pile) gets raw/NN.jsonl.zst (the downloads) and shards/part-pile-*.jsonl.zst.
+#   PILE_BASE_URL  mirror folder holding NN.jsonl.zst (default: the Hugging Face pile-uncopyrighted mirror)
+#   PILE_PARTS     parts to fetch, e.g. "00 01" (default: 00 .. 29)
+#   SHARD_WORKERS  sharder processes (default: number of CPUs)
+# Interrupted? Run the same command again: downloads resume (HTTP Range) and sharding continues.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+OUT_DIR="${1:-corpus/pile}"
+WORKERS="${SHARD_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
+
+"$PYTHON" data/download.py pile --output-dir "$OUT_DIR/raw"
+"$PYTHON" data/shard.py "$OUT_DIR/raw" --format pile --source pile \
+    --output-dir "$OUT_DIR/shards" --workers "$WORKERS"

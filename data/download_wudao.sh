@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Get WuDaoCorpora 2.0 and shard it:  bash data/download_wudao.sh [OUT_DIR] [URL_OR_ARCHIVE_OR_FOLDER]
+#   WuDao needs its licence accepted first; run without a source to see where and how.
+#   The source may also be given as WUDAO_SOURCE. OUT_DIR (default corpus/wudao) gets the download
+#   and extracted JSON files (json/) and the shards (shards/part-wudao-*.jsonl.zst).
+#   SHARD_WORKERS  sharder processes (default: number of CPUs)
+# Interrupted? Run the same command again: the download resumes and sharding continues.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+OUT_DIR="${1:-corpus/wudao}"
+SOURCE="${2:-${WUDAO_SOURCE:-}}"
+WORKERS="${SHARD_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
+
+if [ -z "$SOURCE" ]; then
+    "$PYTHON" data/download.py wudao --output-dir "$OUT_DIR"   # prints what to do, exits 2
+fi
+JSON_DIR="$("$PYTHON" data/download.py wudao "$SOURCE" --output-dir "$OUT_DIR")"
+"$PYTHON" data/shard.py "$JSON_DIR" --format wudao --source wudao \
+    --output-dir "$OUT_DIR/shards" --workers "$WORKERS"

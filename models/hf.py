@@ -291,27 +291,21 @@ def load_hf(
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
-    hf_config = json.loads(config_path.read_text())
-    tensors = read_hf_tensors(folder)
-    tensors = {name: t for name, t in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
-
     ours_path = folder / OUR_CONFIG
     if ours_path.is_file():
         config = ModelConfig.from_dict({**json.loads(ours_path.read_text()), **config_overrides})
-        if config.stable_embedding:
-            extra = load_file(folder / OUR_EXTRA)
-            tensors.update(extra)
-            if config.tie_embeddings:  # the exported head holds the original (unfolded) embedding
-                tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
     else:
-        config = ModelConfig.from_dict(
-            {**config_from_hf(hf_config, str(config_path)).to_dict(), **config_overrides}
-        )
+        hf_config = config_from_hf(json.loads(config_path.read_text()), str(config_path))
+        config = ModelConfig.from_dict({**hf_config.to_dict(), **config_overrides})
+
+    tensors = read_hf_tensors(folder)
+    tensors = {name: t for name, t in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
+    if ours_path.is_file() and config.stable_embedding:
+        tensors.update(load_file(folder / OUR_EXTRA))  # the LayerNorm (and the raw embedding if untied)
+        if config.tie_embeddings:  # the exported head holds the original, unfolded embedding
+            tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in tensors:
-        # Some tied checkpoints omit tie_word_embeddings' true flag but also the head: share the embedding.
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
 
     with torch.device("meta"):
         model = Llama(config)

@@ -107,7 +107,7 @@ def test_unknown_and_missing_backends_have_clear_errors():
         get_attention_backend("fast")
     for name, module in (("xformers", "xformers"), ("flash_attn", "flash_attn")):
         if importlib.util.find_spec(module) is None:
-            with pytest.raises(ImportError, match="requirements-gpu.txt"):
+            with pytest.raises(ImportError, match=r"requirements-gpu\.txt"):
                 get_attention_backend(name)
 
 
@@ -116,7 +116,13 @@ def test_unknown_and_missing_backends_have_clear_errors():
 def test_packed_row_equals_documents_run_one_by_one(name, stable):
     torch.manual_seed(0)
     config = ModelConfig(
-        vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, stable_embedding=stable, attention_backend=name
+        vocab_size=97,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        stable_embedding=stable,
+        attention_backend=name,
     )
     model = Llama(config).eval()
     lengths = [7, 16, 1, 9]

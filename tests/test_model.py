@@ -86,7 +86,9 @@ def test_num_parameters_and_flops_per_token_closed_form():
 
 def test_initialisation_scales():
     torch.manual_seed(0)
-    c = tiny_config(dim=256, n_layers=8, n_heads=4, vocab_size=4000, stable_embedding=True, tie_embeddings=True)
+    c = tiny_config(
+        dim=256, n_layers=8, n_heads=4, vocab_size=4000, stable_embedding=True, tie_embeddings=True
+    )
     model = Llama(c)
     layer = model.model.layers[0]
     assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
@@ -110,7 +112,9 @@ def test_logits_and_loss_match_transformers(tie):
     assert (ours.logits - theirs.logits).abs().max() <= 1e-4
     assert ours.loss.item() == pytest.approx(theirs.loss.item(), abs=1e-5)
     # And against the closed-form definition: mean cross-entropy of token t+1 given tokens <= t.
-    manual = F.cross_entropy(ours.logits[:, :-1].reshape(-1, 211), labels[:, 1:].reshape(-1), ignore_index=-100)
+    manual = F.cross_entropy(
+        ours.logits[:, :-1].reshape(-1, 211), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     assert ours.loss.item() == pytest.approx(manual.item(), abs=1e-6)
 
 
@@ -136,7 +140,9 @@ def test_stable_embedding_normalises_embedding_rows():
 def test_activation_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
     plain = Llama(tiny_config(stable_embedding=True, tie_embeddings=True)).train()
-    ckpt = Llama(tiny_config(stable_embedding=True, tie_embeddings=True, activation_checkpointing=True)).train()
+    ckpt = Llama(
+        tiny_config(stable_embedding=True, tie_embeddings=True, activation_checkpointing=True)
+    ).train()
     ckpt.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 211, (2, 32))
     positions = torch.cat([torch.arange(12), torch.arange(20)]).expand(2, 32)

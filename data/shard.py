@@ -601,8 +601,12 @@ def shard_inputs(
         fmt, source, lines_per_shard, dedup, min_chars, max_chars, text_field, text_unit, strict
     )
     options.validate()
-    paths = expand_inputs([inputs] if isinstance(inputs, str | Path) else inputs)
     output_dir = Path(output_dir)
+    paths = expand_inputs([inputs] if isinstance(inputs, str | Path) else inputs)
+    # An input folder may contain the output folder (e.g. a rerun): never read our own shards back.
+    paths = [p for p in paths if not p.is_relative_to(output_dir.resolve())]
+    if not paths:
+        raise ShardingError(f"no input files outside the output folder {output_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
     state_dir = output_dir / STATE_DIR
     config = _config(paths, options)

@@ -1,0 +1,396 @@
+"""The sharder: formats, normalisation, filters, bad input, resume after kill -9, determinism, real data."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data.shard import LINES_PER_SHARD, shard_inputs
+from data.shard_io import ShardError, iter_shard_records
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_jsonl(path: Path, records: list, compress: str | None = None) -> Path:
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    return write_bytes(path, data, compress)
+
+
+def write_bytes(path: Path, data: bytes, compress: str | None = None) -> Path:
+    if compress == "zst":
+        data = zstandard.ZstdCompressor(level=3).compress(data)
+    elif compress == "gz":
+        data = gzip.compress(data)
+    elif compress == "bz2":
+        data = bz2.compress(data)
+    elif compress == "xz":
+        data = lzma.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def read_docs(output_dir: Path) -> list[dict]:
+    """Every document of every shard in manifest (input) order, read with the project's shard reader."""
+    manifest = json.loads((output_dir / "manifest.json").read_text())
+    assert sorted(s["name"] for s in manifest["shards"]) == sorted(p.name for p in output_dir.glob("part-*"))
+    return [r for s in manifest["shards"] for r in iter_shard_records(output_dir / s["name"])]
+
+
+def shard_hashes(output_dir: Path) -> dict[str, str]:
+    files = [*sorted(output_dir.glob("part-*.jsonl.zst")), output_dir / "manifest.json"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "data" / "shard.py"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def pile_docs(n: int, prefix: str = "doc") -> list[dict]:
+    return [{"text": f"{prefix} {i}", "meta": {"pile_set_name": "Test"}} for i in range(n)]
+
+
+# --- shard sizes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"), [(LINES_PER_SHARD, [LINES_PER_SHARD]), (LINES_PER_SHARD + 1, [LINES_PER_SHARD, 1])]
+)
+def test_shard_boundaries(tmp_path, n, expected):
+    src = write_jsonl(tmp_path / "in.jsonl", pile_docs(n))
+    summary = shard_inputs([src], tmp_path / "out")
+    assert [s["lines"] for s in summary.manifest["shards"]] == expected
+    docs = read_docs(tmp_path / "out")
+    assert [d["text"] for d in docs] == [f"doc {i}" for i in range(n)]
+    assert docs[0]["meta"] == {"pile_set_name": "Test", "source": "pile"}  # derived from pile_set_name
+    for entry, path in zip(summary.manifest["shards"], summary.shards, strict=True):
+        assert entry["bytes"] == path.stat().st_size
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_shards_are_standard_zstd(tmp_path):
+    """The zstd command-line tool (a reader we did not write) accepts the shards, checksums included."""
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd command-line tool not installed (apt-get install zstd)")
+    src = write_jsonl(tmp_path / "in.jsonl", pile_docs(300))
+    summary = shard_inputs([src], tmp_path / "out", lines_per_shard=100)
+    for path in summary.shards:
+        out = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+        assert len(out.splitlines()) == 100
+
+
+# --- normalisation of each format ------------------------------------------------------------------
+
+
+def test_wudao_json_arrays(tmp_path):
+    records = [
+        {
+            "id": 0,
+            "uniqueKey": "a",
+            "titleUkey": "b",
+            "dataType": "百科",
+            "title": "标题",
+            "content": "正文一",
+        },
+        {"id": 1, "uniqueKey": "c", "titleUkey": "d", "dataType": "诗词", "title": "", "content": "正文二"},
+    ]
+    (tmp_path / "in").mkdir()
+    compact = tmp_path / "in" / "part-0.json"
+    compact.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n")
+    pretty = tmp_path / "in" / "part-1.json"  # one object over many lines: still parsed incrementally
+    pretty.write_text(json.dumps([{**records[0], "content": "正文三"}], ensure_ascii=False, indent=2))
+    summary = shard_inputs([tmp_path / "in"], tmp_path / "out", fmt="wudao")
+    docs = read_docs(tmp_path / "out")
+    assert [d["text"] for d in docs] == ["标题\n正文一", "正文二", "标题\n正文三"]
+    assert [d["meta"] for d in docs] == [
+        {"dataType": "百科", "source": "wudao"},
+        {"dataType": "诗词", "source": "wudao"},
+        {"dataType": "百科", "source": "wudao"},
+    ]
+    assert summary.totals["documents"] == 3
+    # auto-detection gives the same result
+    assert read_docs(tmp_path / "out") == read_docs(
+        shard_inputs([tmp_path / "in"], tmp_path / "auto").output_dir
+    )
+
+
+def test_parquet_input(tmp_path):
+    table = pa.table(
+        {"text": ["alpha", "beta", "", "gamma"], "id": [1, 2, 3, 4], "url": ["u1", "u2", "u3", "u4"]}
+    )
+    pq.write_table(table, tmp_path / "data.parquet", row_group_size=2)
+    summary = shard_inputs([tmp_path / "data.parquet"], tmp_path / "out")
+    docs = read_docs(tmp_path / "out")
+    assert [d["text"] for d in docs] == ["alpha", "beta", "gamma"]
+    assert docs[0]["meta"] == {"id": 1, "url": "u1", "source": "data"}
+    assert summary.totals["empty"] == 1
+
+
+def test_text_units(tmp_path):
+    src = tmp_path / "book.txt"
+    src.write_text("first para\nline two\n\n\nsecond para\r\n\nthird\n")
+    lines = shard_inputs([src], tmp_path / "lines", text_unit="line")
+    assert [d["text"] for d in read_docs(tmp_path / "lines")] == [
+        "first para",
+        "line two",
+        "second para",
+        "third",
+    ]
+    assert lines.totals["empty"] == 3
+    shard_inputs([src], tmp_path / "paras", text_unit="paragraph")
+    assert [d["text"] for d in read_docs(tmp_path / "paras")] == [
+        "first para\nline two",
+        "second para",
+        "third",
+    ]
+    shard_inputs([src], tmp_path / "file", text_unit="file")
+    assert [d["text"] for d in read_docs(tmp_path / "file")] == [src.read_bytes().decode()]
+
+
+@pytest.mark.parametrize("compress", ["zst", "gz", "bz2", "xz"])
+def test_compressed_inputs_read_like_plain(tmp_path, compress):
+    records = [*pile_docs(50), {"text": "中文 ünïcode"}]
+    (tmp_path / "plain").mkdir()
+    plain = write_jsonl(tmp_path / "plain" / "x.jsonl", records)
+    packed = write_jsonl(tmp_path / f"x.jsonl.{compress}", records, compress)
+    shard_inputs([plain], tmp_path / "a")
+    shard_inputs([packed], tmp_path / "b")
+    assert read_docs(tmp_path / "a") == read_docs(tmp_path / "b")
+    assert len(read_docs(tmp_path / "b")) == 51
+
+
+# --- filters ---------------------------------------------------------------------------------------
+
+
+def test_empty_length_bounds_and_dedup(tmp_path):
+    a = write_jsonl(
+        tmp_path / "a.jsonl", [{"text": t} for t in ["keep one", "", "  \n\t", "dup", "x", "dup", "y" * 50]]
+    )
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in ["dup", "keep two", "keep one"]])
+    summary = shard_inputs([a, b], tmp_path / "out", source="t", min_chars=2, max_chars=20)
+    assert [d["text"] for d in read_docs(tmp_path / "out")] == ["keep one", "dup", "keep two"]
+    t = summary.totals
+    assert (t["records"], t["documents"], t["empty"], t["too_short"], t["too_long"], t["duplicate"]) == (
+        10,
+        3,
+        2,
+        1,
+        1,
+        3,
+    )
+    per_input = {Path(i["path"]).name: i for i in summary.manifest["inputs"]}
+    assert per_input["a.jsonl"]["duplicate"] == 1 and per_input["b.jsonl"]["duplicate"] == 2
+    kept = shard_inputs([a, b], tmp_path / "all", dedup=False)
+    assert kept.totals["duplicate"] == 0 and kept.totals["documents"] == 8
+
+
+def test_cross_file_duplicate_whose_shard_empties(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "same"}, {"text": "other"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "same"}, {"text": "other"}, {"text": "new"}])
+    summary = shard_inputs([a, b], tmp_path / "out", lines_per_shard=2)
+    assert [d["text"] for d in read_docs(tmp_path / "out")] == ["same", "other", "new"]
+    assert [s["name"] for s in summary.manifest["shards"]] == [
+        "part-a-00000-00000.jsonl.zst",
+        "part-b-00001-00001.jsonl.zst",
+    ]
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def test_malformed_lines_and_missing_fields(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(
+        b'{"text": "good"}\n{"text": broken\n[1, 2]\n\n{"body": "x", "id": 3}\n{"text": 5}\n{"text": "end"}\n'
+    )
+    summary = shard_inputs([src], tmp_path / "out")
+    assert [d["text"] for d in read_docs(tmp_path / "out")] == ["good", "end"]
+    assert summary.totals["malformed"] == 2 and summary.totals["missing_text"] == 2
+    examples = summary.manifest["inputs"][0]["examples"]
+    assert examples[0].startswith(f"{src}:2: malformed JSON")
+    assert examples[1].startswith(f"{src}:3: expected a JSON object")
+    assert examples[2] == f"{src}:5: no 'text' field (fields found: body, id)"
+    assert "is int, not a string" in examples[3]
+
+    result = run_cli(str(src), "--output-dir", str(tmp_path / "strict"), "--strict", "--no-progress")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {src}:2: malformed JSON (" + result.stderr.split("(", 1)[1].strip()
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_utf8_replaced_and_counted(tmp_path):
+    src = tmp_path / "u.jsonl"
+    src.write_bytes(b'{"text": "caf\xe9 ok"}\n{"text": "lone \\ud800 surrogate"}\n{"text": "fine"}\n')
+    txt = write_bytes(tmp_path / "t.txt", b"good line\nbad \xff\xfe line\n")
+    summary = shard_inputs([src, txt], tmp_path / "out")
+    texts = [d["text"] for d in read_docs(tmp_path / "out")]
+    assert texts == ["caf\ufffd ok", "lone \ufffd surrogate", "fine", "good line", "bad \ufffd\ufffd line"]
+    assert summary.totals["invalid_utf8"] == 3
+
+
+def test_invalid_utf8_in_json_array(tmp_path):
+    src = tmp_path / "w.json"
+    src.write_bytes(b'[{"title": "", "content": "a\xffb"},\n{"title": "t", "content": "ok"}]')
+    summary = shard_inputs([src], tmp_path / "out", fmt="wudao")
+    assert [d["text"] for d in read_docs(tmp_path / "out")] == ["a\ufffdb", "t\nok"]
+    assert summary.totals["invalid_utf8"] >= 1
+
+
+@pytest.mark.parametrize("compress", ["zst", "gz", "bz2", "xz"])
+def test_truncated_compressed_input(tmp_path, compress):
+    records = [{"text": f"document number {i} " + "filler " * 30} for i in range(400)]
+    full = write_jsonl(tmp_path / f"full.jsonl.{compress}", records, compress)
+    cut = tmp_path / f"cut.jsonl.{compress}"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    summary = shard_inputs([cut], tmp_path / "out")
+    [entry] = summary.manifest["inputs"]
+    assert entry["status"] == "error" and str(cut) in entry["error"]
+    texts = [d["text"] for d in read_docs(tmp_path / "out")]
+    assert texts == [r["text"] for r in records[: len(texts)]]  # complete records only, in order
+    assert len(texts) < 400
+
+    result = run_cli(str(cut), "--output-dir", str(tmp_path / "cli"), "--no-progress")
+    assert result.returncode == 3 and str(cut) in result.stderr and "Traceback" not in result.stderr
+    strict = run_cli(str(cut), "--output-dir", str(tmp_path / "strict"), "--strict", "--no-progress")
+    assert strict.returncode == 1 and len(strict.stderr.strip().splitlines()) == 1
+
+
+def test_cli_fatal_errors_are_one_line(tmp_path):
+    missing = run_cli(str(tmp_path / "nope*.jsonl"), "--output-dir", str(tmp_path / "o"))
+    assert (
+        missing.returncode == 1
+        and missing.stderr.strip() == f"error: no input files match '{tmp_path / 'nope*.jsonl'}'"
+    )
+    src = write_jsonl(tmp_path / "a.jsonl", pile_docs(3))
+    assert run_cli(str(src), "--output-dir", str(tmp_path / "o"), "--no-progress").returncode == 0
+    other = run_cli(str(src), "--output-dir", str(tmp_path / "o"), "--lines-per-shard", "2", "--no-progress")
+    assert (
+        other.returncode == 1
+        and "lines_per_shard" in other.stderr
+        and len(other.stderr.strip().splitlines()) == 1
+    )
+
+
+# --- resume, idempotence, determinism --------------------------------------------------------------
+
+
+def make_corpus(root: Path) -> list[Path]:
+    """Three inputs of different formats with duplicates within and across files."""
+    root.mkdir()
+    a = write_jsonl(root / "a.jsonl.zst", [{"text": f"alpha {i % 900}"} for i in range(1000)], "zst")
+    b = write_jsonl(
+        root / "b.jsonl.gz", [{"text": f"alpha {i}" if i % 7 == 0 else f"beta {i}"} for i in range(800)], "gz"
+    )
+    c = root / "c.json"
+    c.write_text(
+        json.dumps([{"title": f"t{i}", "content": f"gamma {i}", "dataType": "x"} for i in range(700)])
+    )
+    return [a, b, c]
+
+
+def test_idempotent_rerun_and_workers_determinism(tmp_path):
+    inputs = make_corpus(tmp_path / "in")
+    one = shard_inputs(inputs, tmp_path / "w1", lines_per_shard=128, workers=1)
+    hashes = shard_hashes(tmp_path / "w1")
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "w1").iterdir()}
+    again = shard_inputs(inputs, tmp_path / "w1", lines_per_shard=128, workers=2)
+    assert again.nothing_to_do and shard_hashes(tmp_path / "w1") == hashes
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "w1").iterdir()} == mtimes
+    shard_inputs(inputs, tmp_path / "w2", lines_per_shard=128, workers=2)
+    assert shard_hashes(tmp_path / "w2") == hashes
+    assert one.totals["duplicate"] == 100 + 115  # 100 repeats inside a, b's multiples of 7 below 900 repeat a
+    assert one.totals["documents"] == 900 + 685 + 700
+
+
+@pytest.mark.parametrize(("workers", "kill_when"), [(1, "work"), (2, "work"), (1, "final")])
+def test_kill_9_and_rerun_gives_the_same_shards(tmp_path, workers, kill_when):
+    inputs = make_corpus(tmp_path / "in")
+    args = [*map(str, inputs), "--lines-per-shard", "64", "--no-progress", "--workers", str(workers)]
+    assert run_cli(*args, "--output-dir", str(tmp_path / "ref")).returncode == 0
+    reference = shard_hashes(tmp_path / "ref")
+
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "data" / "shard.py"), *args, "--output-dir", str(out)],
+        env={**os.environ, "OPEN_LLAMA_SHARD_DELAY": "0.05"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # so the kill reaches the worker processes too
+    )
+    pattern = ".shard-state/work/*.jsonl.zst" if kill_when == "work" else "part-*.jsonl.zst"
+    deadline = time.monotonic() + 60
+    while len(list(out.glob(pattern))) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the job finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()
+    for shard in out.glob("part-*.jsonl.zst"):  # whatever is under a final name is complete
+        list(iter_shard_records(shard))
+
+    result = run_cli(*args, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert shard_hashes(out) == reference
+    assert not (out / ".shard-state").exists()
+
+
+# --- the real corpus -------------------------------------------------------------------------------
+
+
+def test_real_corpus_end_to_end(shared_corpus, tmp_path):
+    raw = shared_corpus / "raw"
+    summary = shard_inputs([raw / "pile", raw / "wudao"], tmp_path / "out", workers=2)
+    by_source = Counter()
+    sets, types = Counter(), Counter()
+    for path in summary.shards:
+        try:
+            records = list(iter_shard_records(path))
+        except ShardError as exc:  # pragma: no cover - a failure message worth reading
+            pytest.fail(str(exc))
+        for r in records:
+            by_source[r["meta"]["source"]] += 1
+            sets[r["meta"].get("pile_set_name")] += 1
+            types[r["meta"].get("dataType")] += 1
+    # Counts from the corpus README (which reports no exact duplicates or empty documents).
+    assert summary.totals["duplicate"] == summary.totals["empty"] == summary.totals["malformed"] == 0
+    assert by_source == {"pile": 915 + 915 + 916, "wudao": 3 * 2561}
+    assert {k: sets[k] for k in ("Gutenberg (PG-19)", "Bible-WEB", "PythonDocs", "Github")} == {
+        "Gutenberg (PG-19)": 269,
+        "Bible-WEB": 1391,
+        "PythonDocs": 497,
+        "Github": 589,
+    }
+    assert {k: types[k] for k in ("百科", "诗词", "谚语", "经典", "技术", "语录")} == {
+        "百科": 2036,
+        "诗词": 2184,
+        "谚语": 1474,
+        "经典": 949,
+        "技术": 674,
+        "语录": 366,
+    }
+    assert (
+        summary.totals["bytes_in"] == 10_331_985 + 10_560_324 + 9_330_473 + 1_988_453 + 2_193_957 + 2_112_454
+    )

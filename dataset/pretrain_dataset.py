@@ -19,10 +19,10 @@ How documents are ordered (a pure function of the seed, the shards, rank and wor
 1. Shards are grouped by source, the name in `part-<source>-<index>.jsonl.zst` (for other file names, the
    name of the folder holding the file). With `mixture` weights each source is a group of its own;
    without, all shards form one group read in their natural proportions.
-2. Rank split. A group's shards are cut into *parts*: a part is a whole shard, or, when there are fewer
-   shards than ranks (or they would not divide evenly), the records of a shard whose index is congruent to
-   r modulo M. Part j belongs to rank j % world_size, so across the world every document is read exactly
-   once per epoch.
+2. Rank split. A group's shards are cut into *parts*, and part j belongs to rank j % world_size, so across
+   the world every document is read exactly once per epoch. A part is a whole shard when there are at
+   least 8 shards per rank; with fewer, shards are split by record index (part r of a shard = its records
+   r, r + world_size, ...), so that every rank gets an equal share.
 3. A rank reads its parts of a group in an order shuffled per epoch. Each part is read in *units* of
    `unit_docs` consecutive records (unit u = records u*unit_docs ...), whose order is shuffled inside the
    unit. `shuffle_window` parts are open at once and each next document is drawn from one of them by a
@@ -62,9 +62,12 @@ import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+if __package__ in (None, ""):  # run as `python dataset/pretrain_dataset.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import orjson
@@ -79,8 +82,9 @@ SHARD_NAMES = [
     re.compile(r"^part-(?P<source>.+)-\d+-\d+\.jsonl\.zst$"),
     re.compile(r"^part-(?P<source>.+)-\d+\.jsonl\.zst$"),
 ]
-# Below this many shards per rank, a shard-to-rank split is too uneven (a rank with one shard more reads
-# up to twice the data): shards are then also split by record index so each rank gets an equal share.
+# With fewer shards per rank than this, splitting whole shards among ranks is uneven (one shard more is up
+# to twice the data, and shards differ in size): every rank then reads every world_size-th record of every
+# shard instead, an equal share whatever the shard sizes, for the price of decompressing all of them.
 EVEN_SPLIT_SHARDS_PER_RANK = 8
 
 
@@ -194,12 +198,7 @@ class Part:
 
 def split_parts(paths: Sequence[Path], rank: int, world_size: int) -> list[Part]:
     """The parts of `paths` (sorted) that `rank` reads; together the ranks read every record once."""
-    n = len(paths)
-    if n % world_size == 0 or n >= EVEN_SPLIT_SHARDS_PER_RANK * world_size:
-        modulus = 1
-    else:
-        # Split every shard into M record-interleaved parts so the n*M parts divide evenly among the ranks.
-        modulus = world_size // math.gcd(n, world_size)
+    modulus = 1 if len(paths) >= EVEN_SPLIT_SHARDS_PER_RANK * world_size else world_size
     parts = [Part(str(p), shard_source(p), r, modulus) for p in paths for r in range(modulus)]
     return parts[rank::world_size]
 
@@ -922,3 +921,133 @@ def build_validation_dataloader(
         validation=True,
         max_batches=max_batches,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: print decoded rows with their document boundaries
+# --------------------------------------------------------------------------------------------------
+
+
+def _shorten(text: str, max_chars: int) -> str:
+    text = text.replace("\n", "\\n")
+    if max_chars and len(text) > max_chars:
+        half = max_chars // 2
+        text = f"{text[:half]} [...] {text[-half:]}"
+    return text
+
+
+def format_row(row: PackedRow, tokenizer: TextTokenizer, *, max_chars: int = 160) -> str:
+    """A row as text: one line per document segment (columns, source, boundaries) and its decoded text."""
+    lines = []
+    for seg in row.segments:
+        ids = row.tokens[seg.start : seg.start + seg.length].tolist()
+        shown = ("<s>" if ids and ids[0] == tokenizer.bos_id else "") + tokenizer.decode(ids)
+        shown += "</s>" if ids and ids[-1] == tokenizer.eos_id else ""
+        where = "document start" if seg.document_start else "continues the previous row"
+        if not seg.document_end:
+            where += ", continues in the next row"
+        positions = row.positions[seg.start : seg.start + seg.length]
+        lines.append(
+            f"  [{seg.start}:{seg.start + seg.length}] {seg.source}, {seg.length} tokens, {where} "
+            f"(position_ids {positions[0]}..{positions[-1]})"
+        )
+        lines.append(f"      {_shorten(shown, max_chars)}")
+    padding = int((row.labels == IGNORE_INDEX).sum())
+    if padding:
+        lines.append(f"  [{len(row.tokens) - padding}:{len(row.tokens)}] padding, labels -100")
+    return "\n".join(lines)
+
+
+def _load_config(args: argparse.Namespace) -> PretrainDataConfig:
+    """The `data:` section of a run config (if given), then the command-line flags on top."""
+    values: dict[str, Any] = {}
+    if args.config:
+        from training.config import build_dataclass, read_yaml
+
+        raw = read_yaml(args.config)
+        data = raw.get("data") or {}
+        config = build_dataclass(PretrainDataConfig, data, source=args.config, prefix="data.")
+        values = {k: getattr(config, k) for k in PretrainDataConfig.__dataclass_fields__}
+    flags = {
+        "shards": args.shards,
+        "tokenizer": args.tokenizer,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "seed": args.seed,
+        "document_masking": args.document_masking,
+        "add_bos": args.add_bos,
+        "validation_shards": args.validation_shards,
+        "validation_fraction": args.validation_fraction,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.mixture is not None:
+        values["mixture"] = {}
+        for item in args.mixture.split(","):
+            source, sep, weight = item.partition("=")
+            if not sep:
+                raise ValueError(f"--mixture {args.mixture!r}: expected SOURCE=WEIGHT,SOURCE=WEIGHT")
+            values["mixture"][source.strip()] = weight
+    return PretrainDataConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Print decoded sample rows of the pretraining stream with their document boundaries."
+    )
+    parser.add_argument("--config", help="run config YAML; its data: section is used (flags override it)")
+    parser.add_argument("--shards", nargs="+", help="training shards: globs, files or folders")
+    parser.add_argument("--tokenizer", help="tokenizer folder")
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--mixture", help="token shares per source, e.g. pile=1,wudao=1")
+    parser.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--validation-shards", nargs="+")
+    parser.add_argument("--validation-fraction", type=float)
+    parser.add_argument("--validation", action="store_true", help="show the held-out stream instead")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--batches", type=int, default=1, help="batches to print (default 1)")
+    parser.add_argument("--max-chars", type=int, default=160, help="characters shown per segment (0: all)")
+    args = parser.parse_args(argv)
+
+    from dataset.tokenizer import Tokenizer
+    from training.config import ConfigError
+
+    try:
+        config = _load_config(args)
+        if not config.tokenizer:
+            raise ValueError("no tokenizer: pass --tokenizer DIR or set data.tokenizer in the config")
+        tokenizer = Tokenizer.load(config.tokenizer)
+        loader = PretrainDataLoader(
+            config, tokenizer, rank=args.rank, world_size=args.world_size, validation=args.validation
+        )
+        with loader:
+            groups = ", ".join(f"{s.group.name} ({len(s.group.parts)} parts)" for s in loader.stream.streams)
+            print(
+                f"{'held-out' if args.validation else 'training'} stream of rank {args.rank}/{args.world_size}: "
+                f"seq_len {config.seq_len}, batch_size {loader.batch_size}, document_masking "
+                f"{config.document_masking}, add_bos {config.add_bos}; groups: {groups}"
+            )
+            rows = loader.iter_rows()
+            for b in range(args.batches):
+                for r in range(loader.batch_size):
+                    row = next(rows, None)
+                    if row is None:
+                        break
+                    print(f"batch {b} row {r}:")
+                    print(format_row(row, tokenizer, max_chars=args.max_chars))
+            total = sum(loader.tokens_per_source.values()) or 1
+            shares = ", ".join(f"{s} {n:,} ({n / total:.1%})" for s, n in loader.tokens_per_source.items())
+            print(f"tokens per source: {shares}")
+    except (ValueError, OSError, ShardError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

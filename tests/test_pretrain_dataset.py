@@ -1,0 +1,444 @@
+"""The pretraining stream: packing, rank/worker split, mixture, exact resume, held-out stream, CLI.
+
+References the stream did not compute: `Tokenizer.encode` one document at a time, the shards read with
+`data.shard_io`, and closed-form positions. Documents are recovered from rows by splitting at </s>,
+which text never produces (safe encoding).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import torch
+import zstandard
+
+from data.shard_io import ShardError, iter_shard_texts
+from dataset import pretrain_dataset as pd
+from dataset.pretrain_dataset import (
+    PretrainDataConfig,
+    build_pretrain_dataloader,
+    build_validation_dataloader,
+)
+from dataset.tokenizer import Tokenizer
+from dataset.train_tokenizer import train_tokenizer
+
+WORDS = ["the", "river", "light", "stone", "garden", "window", "quiet", "market", "winter", "paper", "orange"]
+CJK = "山水风月花鸟云雨春秋江河天地人心"
+
+
+def write_shard(path: Path, texts: list[str], source: str) -> None:
+    lines = b"".join(orjson.dumps({"text": t, "meta": {"source": source}}) + b"\n" for t in texts)
+    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(lines))
+
+
+def generated_corpus(root: Path) -> dict[str, list[Path]]:
+    """Two unequal sources: 'alpha' (many short English documents), 'beta' (few long Chinese ones)."""
+    rng = random.Random(0)
+    root.mkdir(parents=True, exist_ok=True)
+    shards: dict[str, list[Path]] = {"alpha": [], "beta": []}
+    for s in range(3):
+        alpha = [f"alpha {s}-{i}: " + " ".join(rng.choices(WORDS, k=rng.randint(3, 25))) for i in range(70)]
+        beta = [f"beta {s}-{i}: " + "".join(rng.choices(CJK, k=rng.randint(60, 240))) for i in range(12)]
+        for source, texts in (("alpha", alpha), ("beta", beta)):
+            path = root / f"part-{source}-{s:05d}-00000.jsonl.zst"
+            write_shard(path, texts, source)
+            shards[source].append(path)
+    return shards
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, list[Path]]:
+    return generated_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus, tmp_path_factory) -> Tokenizer:
+    paths = [str(p) for ps in corpus.values() for p in ps]
+    return Tokenizer.load(train_tokenizer(paths, 400, tmp_path_factory.mktemp("tok") / "tok"))
+
+
+def make_config(corpus, **overrides) -> PretrainDataConfig:
+    values = dict(
+        shards=[str(corpus["alpha"][0].parent)],
+        seq_len=64,
+        batch_size=4,
+        num_workers=0,
+        unit_docs=8,
+        shuffle_window=3,
+    )
+    values.update(overrides)
+    return PretrainDataConfig(**values)
+
+
+def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def split_documents(tokens: list[int], eos_id: int) -> list[tuple[int, ...]]:
+    """Complete documents (ending in </s>) of a concatenated token stream."""
+    docs, start = [], 0
+    for i, t in enumerate(tokens):
+        if t == eos_id:
+            docs.append(tuple(tokens[start : i + 1]))
+            start = i + 1
+    return docs
+
+
+def reference_documents(tokenizer: Tokenizer, paths, *, bos: bool = True) -> list[list[int]]:
+    return [tokenizer.encode(t, bos=bos, eos=True) for t in iter_shard_texts(sorted(paths))]
+
+
+def expected_positions(doc_lengths: list[int], seq_len: int, rows: int) -> np.ndarray:
+    """Closed form: position = distance from max(document start, row start)."""
+    starts = np.concatenate([[0], np.cumsum(doc_lengths)])
+    flat = np.arange(rows * seq_len)
+    doc_start = starts[np.searchsorted(starts, flat, side="right") - 1]
+    row_start = flat // seq_len * seq_len
+    return (flat - np.maximum(doc_start, row_start)).reshape(rows, seq_len)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_packing_is_the_concatenation_of_documents_in_file_order(corpus, tokenizer, add_bos):
+    config = make_config(corpus, shuffle=False, document_masking=True, add_bos=add_bos, batch_size=3)
+    docs = reference_documents(tokenizer, corpus["alpha"] + corpus["beta"], bos=add_bos)
+    stream = [t for d in docs for t in d]
+    epoch_rows = len(stream) // config.seq_len
+    n_batches = epoch_rows // config.batch_size + 2  # into the second epoch
+    with build_pretrain_dataloader(config, tokenizer) as loader:
+        batches = take(loader, n_batches)
+    input_ids = torch.cat([b["input_ids"] for b in batches])
+    rows = len(input_ids)
+    assert input_ids.shape == (rows, config.seq_len) and input_ids.dtype == torch.long
+    # No padding: every column is a document token; the epoch wraps around to the first document.
+    expected = (stream * 2)[: rows * config.seq_len]
+    assert input_ids.flatten().tolist() == expected
+    for b in batches:
+        assert torch.equal(b["labels"], b["input_ids"])
+    positions = torch.cat([b["position_ids"] for b in batches])
+    lengths = [len(d) for d in docs] * 2
+    assert np.array_equal(positions.numpy(), expected_positions(lengths, config.seq_len, rows))
+    state = loader.state_dict()
+    assert state["epochs"] == {"all": 1}
+    # Shards are read in sorted order: the 210 alpha documents, then the beta ones.
+    alpha_tokens = sum(len(d) for d in docs[:210])
+    source_of_token = (["alpha"] * alpha_tokens + ["beta"] * (len(stream) - alpha_tokens)) * 2
+    counted = source_of_token[: rows * config.seq_len]
+    assert state["tokens_per_source"] == {"alpha": counted.count("alpha"), "beta": counted.count("beta")}
+
+
+def test_no_position_ids_without_document_masking(corpus, tokenizer):
+    with build_pretrain_dataloader(make_config(corpus), tokenizer) as loader:
+        (batch,) = take(loader, 1)
+    assert set(batch) == {"input_ids", "labels"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank and worker split
+
+
+def first_epoch_documents(loader, eos_id: int, max_batches: int = 400) -> list[tuple[int, ...]]:
+    """The rank's documents up to the first one seen again (= its first epoch)."""
+    tokens: list[int] = []
+    it = iter(loader)
+    for _ in range(max_batches):
+        tokens += next(it)["input_ids"].flatten().tolist()
+        docs = split_documents(tokens, eos_id)
+        if len(set(docs)) < len(docs):
+            seen, first = set(), []
+            for d in docs:
+                if d in seen:
+                    return first
+                seen.add(d)
+                first.append(d)
+    raise AssertionError("no document repeated: the epoch did not end")
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(2, 2), (4, 0)])
+def test_each_document_read_once_per_epoch_across_ranks(corpus, tokenizer, world_size, num_workers):
+    config = make_config(corpus, num_workers=num_workers)
+    all_docs = {tuple(d) for d in reference_documents(tokenizer, corpus["alpha"] + corpus["beta"])}
+    per_rank = []
+    for rank in range(world_size):
+        with build_pretrain_dataloader(config, tokenizer, rank=rank, world_size=world_size) as loader:
+            per_rank.append(first_epoch_documents(loader, tokenizer.eos_id))
+    seen = [d for docs in per_rank for d in docs]
+    assert len(seen) == len(set(seen)) == len(all_docs)
+    assert set(seen) == all_docs
+    # With few shards per rank every shard is split by record index: each rank gets an equal share.
+    assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 6
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact resume
+
+
+@pytest.mark.parametrize(("workers_before", "workers_after"), [(0, 2), (2, 1)])
+def test_resume_gives_exactly_the_uninterrupted_rows(corpus, tokenizer, workers_before, workers_after):
+    config = make_config(corpus, mixture={"alpha": 1, "beta": 1}, document_masking=True)
+    n, m = 15, 40
+    with build_pretrain_dataloader(config, tokenizer) as reference:
+        expected = take(reference, n + m)
+        assert max(reference.state_dict()["epochs"].values()) >= 1  # the range crosses an epoch
+    config.num_workers = workers_before
+    with build_pretrain_dataloader(config, tokenizer) as first:
+        take(first, n)
+        state = json.loads(json.dumps(first.state_dict()))  # it is plain JSON
+    config.num_workers = workers_after
+    with build_pretrain_dataloader(config, tokenizer) as resumed:
+        resumed.load_state_dict(state)
+        got = take(resumed, m)
+        assert resumed.state_dict()["batches"] == n + m
+    for want, have in zip(expected[n:], got):
+        assert want.keys() == have.keys()
+        for key in want:
+            assert torch.equal(want[key], have[key]), key
+
+
+def test_resume_skips_past_shards_without_reading_them(corpus, tokenizer, monkeypatch):
+    config = make_config(corpus, mixture={"alpha": 1, "beta": 1})
+    calls: list[pd.UnitRequest] = []
+    real = pd.tokenize_unit
+    monkeypatch.setattr(pd, "tokenize_unit", lambda request, tok: calls.append(request) or real(request, tok))
+    with build_pretrain_dataloader(config, tokenizer) as loader:
+        take(loader, 40)
+        state = loader.state_dict()
+    uninterrupted = len(calls)
+    calls.clear()
+    with build_pretrain_dataloader(config, tokenizer) as loader:
+        loader.load_state_dict(state)
+        take(loader, 1)
+    # Only the open parts' current units (window 3 per source) plus the cut document's are re-read.
+    assert len(calls) <= 2 * config.shuffle_window + 3 < uninterrupted
+
+
+def test_resume_refuses_a_different_stream(corpus, tokenizer):
+    with build_pretrain_dataloader(make_config(corpus), tokenizer) as loader:
+        take(loader, 1)
+        state = loader.state_dict()
+    other = build_pretrain_dataloader(make_config(corpus, seq_len=32), tokenizer)
+    with pytest.raises(ValueError, match="seq_len: saved 64, now 32"):
+        other.load_state_dict(state)
+    other = build_pretrain_dataloader(make_config(corpus), tokenizer, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="world_size"):
+        other.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixture
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (3, 1)])
+def test_mixture_token_shares_follow_the_weights(corpus, tokenizer, weights):
+    config = make_config(corpus, mixture=dict(zip(("alpha", "beta"), weights)))
+    with build_pretrain_dataloader(config, tokenizer) as loader:
+        rows = [row for _, row in zip(range(150), loader.iter_rows())]
+        counts = loader.tokens_per_source
+    total = 150 * config.seq_len
+    assert sum(counts.values()) == total
+    # The counts are the segments' lengths, and each segment's text belongs to its source.
+    for source in ("alpha", "beta"):
+        segments = [(row, s) for row in rows for s in row.segments if s.source == source]
+        assert counts[source] == sum(s.length for _, s in segments)
+        for row, s in segments:
+            if s.document_start:
+                text = tokenizer.decode(row.tokens[s.start : s.start + s.length])
+                assert source.startswith(text[: len(source)])
+    # The natural share of alpha is about 30%; the greedy choice holds the weights to within a document.
+    share = counts["alpha"] / total
+    longest = max(len(d) for d in reference_documents(tokenizer, corpus["alpha"] + corpus["beta"]))
+    assert abs(share - weights[0] / sum(weights)) <= longest / total + 1e-9
+
+
+def test_mixture_weight_zero_leaves_a_source_out(corpus, tokenizer):
+    config = make_config(corpus, mixture={"alpha": 1, "beta": 0})
+    with build_pretrain_dataloader(config, tokenizer) as loader:
+        take(loader, 5)
+        assert loader.tokens_per_source == {"alpha": 5 * 4 * 64}
+
+
+def test_mixture_errors_name_the_sources(corpus, tokenizer):
+    with pytest.raises(ValueError, match=r"source\(s\) \['beta'\] have no mixture weight"):
+        build_pretrain_dataloader(make_config(corpus, mixture={"alpha": 1}), tokenizer)
+    with pytest.raises(ValueError, match=r"\['gamma'\] match no shard"):
+        build_pretrain_dataloader(make_config(corpus, mixture={"alpha": 1, "beta": 1, "gamma": 1}), tokenizer)
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        make_config(corpus, mixture={"alpha": -1})
+
+
+# --------------------------------------------------------------------------------------------------
+# Determinism
+
+
+def test_same_seed_same_rows_other_seed_other_rows(corpus, tokenizer):
+    def rows(seed: int, num_workers: int) -> torch.Tensor:
+        config = make_config(corpus, seed=seed, num_workers=num_workers)
+        with build_pretrain_dataloader(config, tokenizer) as loader:
+            return torch.cat([b["input_ids"] for b in take(loader, 6)])
+
+    first = rows(0, 0)
+    assert torch.equal(first, rows(0, 2))
+    assert not torch.equal(first, rows(1, 0))
+
+
+def test_each_epoch_has_its_own_order(corpus, tokenizer):
+    config = make_config(corpus)
+    total = sum(len(d) for d in reference_documents(tokenizer, corpus["alpha"] + corpus["beta"]))
+    n_batches = 2 * total // (config.seq_len * config.batch_size) + 4
+    with build_pretrain_dataloader(config, tokenizer) as loader:
+        tokens = torch.cat([b["input_ids"] for b in take(loader, n_batches)]).flatten().tolist()
+    docs = split_documents(tokens, tokenizer.eos_id)
+    n = len({tuple(d) for d in reference_documents(tokenizer, corpus["alpha"] + corpus["beta"])})
+    epoch0, epoch1 = docs[:n], docs[n : 2 * n]
+    assert len(set(epoch0)) == n and set(epoch0) == set(epoch1)
+    assert epoch0 != epoch1
+    # Shuffled: not the file order.
+    assert [list(d) for d in epoch0] != reference_documents(tokenizer, corpus["alpha"] + corpus["beta"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out stream
+
+
+def test_held_out_fraction_is_disjoint_from_training_and_finite(corpus, tokenizer):
+    config = make_config(corpus, validation_fraction=0.2)
+    all_docs = {tuple(d) for d in reference_documents(tokenizer, corpus["alpha"] + corpus["beta"])}
+    with build_pretrain_dataloader(config, tokenizer) as loader:
+        train_docs = first_epoch_documents(loader, tokenizer.eos_id)
+    with build_validation_dataloader(config, tokenizer) as val:
+        batches = list(val)
+        again = list(val)
+    assert len(batches) == len(again) and all(
+        torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again)
+    )
+    labels = torch.cat([b["labels"] for b in batches]).flatten()
+    ids = torch.cat([b["input_ids"] for b in batches]).flatten()
+    real = labels != -100
+    # Only the tail of the last row is padding.
+    assert real.sum() > 0 and bool(real[: int(real.sum())].all())
+    assert bool((ids[~real] == tokenizer.pad_id).all())
+    val_docs = split_documents(ids[real].tolist(), tokenizer.eos_id)
+    assert len(val_docs) == len(set(val_docs)) > 0
+    assert set(val_docs).isdisjoint(train_docs)
+    assert set(val_docs) | set(train_docs) == all_docs
+    assert 0.1 < len(val_docs) / len(all_docs) < 0.3
+
+
+def test_held_out_shards_and_max_batches(corpus, tokenizer):
+    held = [str(corpus["alpha"][2]), str(corpus["beta"][2])]
+    config = make_config(corpus, validation_shards=held, batch_size=2)
+    with build_pretrain_dataloader(config, tokenizer, rank=0, world_size=1) as loader:
+        groups = loader.stream.streams
+        assert sorted(p.path for g in groups for p in g.group.parts) == sorted(
+            str(p) for p in corpus["alpha"][:2] + corpus["beta"][:2]
+        )
+    with build_validation_dataloader(config, tokenizer) as val:
+        ids = torch.cat([b["input_ids"] for b in val])
+        labels = torch.cat([b["labels"] for b in val])
+    expected = [t for d in reference_documents(tokenizer, held) for t in d]
+    assert ids.flatten()[labels.flatten() != -100].tolist() == expected
+    n = len(ids) // 2 + 1
+    with build_validation_dataloader(config, tokenizer, max_batches=3 * n) as val:
+        assert len(list(val)) == 3 * n  # starts over to give every rank the same number of batches
+    assert build_validation_dataloader(make_config(corpus), tokenizer) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input, real shards, command line
+
+
+def test_malformed_shard_names_file_and_line(tmp_path, tokenizer):
+    good = orjson.dumps({"text": "fine"}) + b"\n"
+    (tmp_path / "part-x-00000.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(good * 3 + b"{oops\n")
+    )
+    for workers in (0, 1):
+        config = PretrainDataConfig(shards=[str(tmp_path)], seq_len=8, batch_size=1, num_workers=workers)
+        with (
+            build_pretrain_dataloader(config, tokenizer) as loader,
+            pytest.raises(ShardError, match=r"00000\.jsonl\.zst:4"),
+        ):
+            take(loader, 3)
+
+
+def test_real_corpus_through_the_sharder_and_a_tokenizer(shared_corpus, tmp_path, capsys):
+    from data.shard import main as shard_main
+
+    out = tmp_path / "shards"
+    assert (
+        shard_main([str(shared_corpus / "raw" / "pile"), "--format", "pile", "--output-dir", str(out)]) == 0
+    )
+    wudao = out / "part-wudao-00000-00000.jsonl.zst"
+    records = json.loads((shared_corpus / "raw" / "wudao" / "part-0.json").read_text())
+    write_shard(wudao, [r["content"] for r in records[:400]], "wudao")
+    tokdir = train_tokenizer([str(out)], 2000, tmp_path / "tok", sample_bytes=2 << 20)
+    tokenizer = Tokenizer.load(tokdir)
+    config = PretrainDataConfig(
+        shards=[str(out)],
+        tokenizer=str(tokdir),
+        seq_len=256,
+        batch_size=4,
+        num_workers=2,
+        mixture={"pile": 1, "wudao": 1},
+        document_masking=True,
+        unit_docs=32,
+    )
+    with build_pretrain_dataloader(config, tokenizer) as loader:
+        batches = take(loader, 10)
+        state = loader.state_dict()
+    counts = state["tokens_per_source"]
+    assert sum(counts.values()) == 10 * 4 * 256 and min(counts.values()) > 0.4 * 10 * 4 * 256
+    # Every complete document in the rows is the encoding of a real record.
+    texts = set(iter_shard_texts(sorted(out.glob("*.jsonl.zst"))))
+    docs = split_documents(torch.cat([b["input_ids"] for b in batches]).flatten().tolist(), tokenizer.eos_id)
+    whole = [d for d in docs[1:] if d[0] == tokenizer.bos_id]
+    assert len(whole) > 5
+    for d in whole:
+        assert tokenizer.decode(d) in texts
+    assert (
+        pd.main(
+            [
+                "--shards",
+                str(out),
+                "--tokenizer",
+                str(tokdir),
+                "--seq-len",
+                "64",
+                "--mixture",
+                "pile=1,wudao=1",
+                "--num-workers",
+                "0",
+                "--document-masking",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert (
+        "batch 0 row 0:" in printed and "document start" in printed and "tokens per source: pile" in printed
+    )
+
+
+def test_cli_reads_the_data_section_of_a_run_config(corpus, tokenizer, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data:\n  shards: ['{corpus['alpha'][0].parent}']\n  tokenizer: '{tokenizer.path}'\n"
+        "  seq_len: 32\n  batch_size: 2\n  num_workers: 0\n  mixture: {alpha: 1, beta: 1}\n"
+    )
+    assert pd.main(["--config", str(config), "--batches", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "seq_len 32, batch_size 2" in printed and "batch 1 row 1:" in printed
+    assert pd.main(["--config", str(config), "--seq-len", "0"]) == 2
+    assert "seq_len must be >= 1" in capsys.readouterr().err
+    config.write_text("data:\n  shardz: []\n")
+    assert pd.main(["--config", str(config)]) == 2
+    assert "did you mean 'shards'" in capsys.readouterr().err

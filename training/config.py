@@ -73,6 +73,7 @@ def parse_config(
         raw = read_yaml(config_path)
         source = config_path
     for dotted, value in overrides:
+        _check_dotted(cls, dotted)
         _set_dotted(raw, dotted, _CliValue(value))
     return build_dataclass(cls, raw, source=source)
 
@@ -213,6 +214,30 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
     return value
 
 
+def _check_dotted(cls: type, dotted: str) -> None:
+    """Reject a command-line key that names no field, listing the valid keys where it went wrong."""
+    node: Any = cls
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"--{dotted}: '{prefix}' is a value, not a section")
+        fields = {f.name: f for f in dataclasses.fields(node) if f.init}
+        if part == "preset" and hasattr(node, "from_preset") and depth == len(parts) - 1:
+            return
+        if part not in fields:
+            close = difflib.get_close_matches(part, list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown option --{dotted}{hint}; valid keys in '{prefix or 'config'}': {', '.join(sorted(fields))}"
+            )
+        node = typing.get_type_hints(node)[part]
+        if depth < len(parts) - 1 and not dataclasses.is_dataclass(node):
+            raise ConfigError(f"--{dotted}: '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+    if dataclasses.is_dataclass(node):
+        raise ConfigError(f"--{dotted} is a section; set one of its keys, e.g. --{dotted}.KEY VALUE")
+
+
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
@@ -271,17 +296,16 @@ def config_help(cls: type, *, prog: str = "", aliases: dict[str, str] | None = N
 def _help_lines(cls: type, prefix: str, out: list[str]) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    sections = []
-    out.append("")
-    out.append(
-        f"[{prefix.rstrip('.') or 'top level'}]"
-        + (" (also: preset NAME)" if hasattr(cls, "from_preset") else "")
-    )
-    for f in dataclasses.fields(cls):
+    is_section = {f.name: dataclasses.is_dataclass(hints[f.name]) for f in dataclasses.fields(cls)}
+    values = [f for f in dataclasses.fields(cls) if not is_section[f.name]]
+    if values:
+        preset = f" (also: --{prefix}preset NAME)" if hasattr(cls, "from_preset") else ""
+        out.extend(["", f"[{prefix.rstrip('.') or 'top level'}]{preset}"])
+        section_doc = inspect.getdoc(cls)
+        if section_doc and prefix:
+            out.append("  " + section_doc.splitlines()[0])
+    for f in values:
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            sections.append((tp, prefix + f.name + "."))
-            continue
         if f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:
@@ -292,8 +316,9 @@ def _help_lines(cls: type, prefix: str, out: list[str]) -> None:
         out.append(f"  --{prefix}{f.name} ({type_name}, default {default})")
         if f.name in docs:
             out.append(textwrap.fill(docs[f.name], 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
-    for tp, sub in sections:
-        _help_lines(tp, sub, out)
+    for f in dataclasses.fields(cls):
+        if is_section[f.name]:
+            _help_lines(hints[f.name], prefix + f.name + ".", out)
 
 
 # ---------------------------------------------------------------------------------------------------

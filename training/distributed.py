@@ -27,13 +27,18 @@ def build_accelerator(train: TrainConfig) -> Accelerator:
     if train.precision not in PRECISIONS:
         raise ValueError(f"train.precision must be one of {sorted(PRECISIONS)}, got {train.precision!r}")
     handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without a GPU, accelerate's default lets DeepSpeed build a process group in which every
-        # process believes it is rank 0 of 1 (so all read the same data); gloo gives real ranks.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if cpu_processes:
+        # Several processes without a GPU (torchrun, or accelerate launch's torchrun launcher).
+        # accelerate's default lets DeepSpeed build a process group in which every process believes
+        # it is rank 0 of 1 (so all read the same data); gloo gives real ranks.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if use_deepspeed:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return Accelerator(
+        # cpu=True makes accelerate treat the processes as CPU data parallel (DDP over gloo).
+        cpu=cpu_processes and not use_deepspeed,
         mixed_precision=PRECISIONS[train.precision],
         gradient_accumulation_steps=train.grad_accum_steps,
         # One scheduler step per optimizer step, whatever the number of processes (accelerate's

@@ -531,9 +531,17 @@ def _config_difference(old: dict, new: dict) -> str:
 
 
 def _run_phase_one(tasks: list[_Task], workers: int, progress: bool) -> list[dict]:
+    """Run every input's task (in-process, or over a pool); returns their states in input order."""
     from tqdm import tqdm
 
-    total_bytes = sum(t.path.stat().st_size for t in tasks)
+    workers = min(workers, len(tasks))
+    pool = progress_queue = None
+    if workers > 1:
+        # fork starts workers in milliseconds; it happens before the progress bar starts its
+        # monitor thread, so no thread is ever forked. Elsewhere spawn is the safe choice.
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        progress_queue = context.Queue()
+        pool = context.Pool(workers, _init_worker, (progress_queue,))
     bar = tqdm(
         desc="sharding",
         unit="B",
@@ -544,7 +552,6 @@ def _run_phase_one(tasks: list[_Task], workers: int, progress: bool) -> list[dic
         mininterval=0.5,
         dynamic_ncols=True,
     )
-    bar.set_postfix_str(f"{len(tasks)} input(s), {total_bytes / 1e6:,.1f} MB on disk")
     documents = 0
 
     def advance(docs: int, nbytes: int) -> None:
@@ -554,22 +561,21 @@ def _run_phase_one(tasks: list[_Task], workers: int, progress: bool) -> list[dic
         bar.set_postfix_str(f"{documents:,} docs", refresh=False)
 
     try:
-        if workers <= 1 or len(tasks) <= 1:
+        if pool is None:
             return [shard_one_input(task, advance) for task in tasks]
-        # spawn: safe on every platform and with threads in the parent (tqdm's monitor).
-        context = multiprocessing.get_context("spawn")
-        progress_queue = context.Queue()
-        with context.Pool(min(workers, len(tasks)), _init_worker, (progress_queue,)) as pool:
-            pending = [pool.apply_async(_run_task, (task,)) for task in tasks]
-            while not all(result.ready() for result in pending):
+        with pool:  # __exit__ terminates the workers, also on an error (--strict) or Ctrl-C
+            # Largest inputs first balances the workers; results are still collected in input order.
+            by_size = sorted(tasks, key=lambda t: -t.path.stat().st_size)
+            pending = {task.index: pool.apply_async(_run_task, (task,)) for task in by_size}
+            while not all(result.ready() for result in pending.values()):
                 with contextlib.suppress(queue.Empty):
-                    advance(*progress_queue.get(timeout=0.2))
-                for result in pending:  # fail fast (--strict) instead of waiting for every input
+                    advance(*progress_queue.get(timeout=0.05))
+                for result in pending.values():  # fail fast (--strict) instead of waiting for all
                     if result.ready() and not result.successful():
                         result.get()
             while not progress_queue.empty():
                 advance(*progress_queue.get())
-            return [result.get() for result in pending]  # pool.__exit__ terminates workers on error
+            return [pending[task.index].get() for task in tasks]
     finally:
         bar.close()
 

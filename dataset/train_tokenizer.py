@@ -1,0 +1,476 @@
+"""Train Open-Llama's SentencePiece BPE tokenizer from jsonl.zst shards and export it for Hugging Face.
+
+    python dataset/train_tokenizer.py --input 'shards/*.jsonl.zst' --vocab-size 8000 --output-dir tokenizer
+
+Memory is bounded by the sample, not the corpus: one streaming pass over the shards keeps a seeded,
+uniformly random sample of documents (at most --sample-bytes of UTF-8 text and --sample-documents
+documents), and SentencePiece trains on that sample through a sentence iterator. A seeded fraction of
+documents (--heldout-fraction) never enters the sample; the tokenizer's compression is measured on them,
+per script (Latin / Han). The output folder is written to a temporary folder and renamed into place.
+
+SentencePiece options (Open-Llama's): BPE, byte fallback, digits split, pieces split by Unicode script,
+whitespace-only pieces allowed, whitespace kept as it is, no dummy prefix and identity normalisation so
+that decode(encode(x)) == x; control symbols <s> </s> <pad> and the chat role tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import io
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import orjson
+import sentencepiece as spm
+
+from data.shard_io import ShardError, expand_shard_paths, iter_shard_records
+from dataset.tokenizer import (
+    BOS,
+    CONTROL_TOKENS,
+    DEFAULT_MODEL_MAX_LENGTH,
+    EOS,
+    PAD,
+    SP_MODEL_FILE,
+    UNK,
+    Tokenizer,
+    write_hf_files,
+)
+
+DEFAULT_SAMPLE_BYTES = 1 << 30
+DEFAULT_HELDOUT_BYTES = 8 << 20
+MAX_SENTENCE_BYTES = 16384
+SUMMARY_FILE = "training_summary.json"
+PROGRESS_SECONDS = 10.0
+
+# Character classes for the per-script compression report.
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
+
+
+@dataclass
+class Sample:
+    """Result of the sampling pass: documents as UTF-8 bytes, in random order, and what was read."""
+
+    train: list[bytes]
+    heldout: list[bytes]
+    files: int = 0
+    documents_read: int = 0
+    bytes_read: int = 0
+    bad_shards: list[str] = field(default_factory=list)
+
+
+class BoundedSample:
+    """A uniform random sample of items under a byte and a count budget, in O(budget) memory.
+
+    Every item gets a random key; the sample is the items with the smallest keys that fit the budgets
+    (the "bottom-k" form of reservoir sampling, which also works for a byte budget): a max-heap on the key
+    drops the largest key whenever a budget is exceeded. Sorting by key gives a random order.
+    """
+
+    def __init__(self, max_bytes: int, max_items: int | None = None):
+        self.max_bytes = max_bytes
+        self.max_items = max_items
+        self.bytes = 0
+        self._heap: list[tuple[float, int, bytes]] = []  # (-key, sequence number, item)
+        self._seq = 0
+
+    def offer(self, key: float, item: bytes) -> None:
+        heapq.heappush(self._heap, (-key, self._seq, item))
+        self._seq += 1
+        self.bytes += len(item)
+        while self._heap and (
+            self.bytes > self.max_bytes or (self.max_items is not None and len(self._heap) > self.max_items)
+        ):
+            self.bytes -= len(heapq.heappop(self._heap)[2])
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def items(self) -> list[bytes]:
+        """The sampled items in random (key) order; empties the sample."""
+        heap, self._heap, self.bytes = self._heap, [], 0
+        heap.sort(key=lambda entry: -entry[0])
+        return [item for _, _, item in heap]
+
+
+def draw_sample(
+    paths: Iterable[Path],
+    *,
+    sample_bytes: int,
+    sample_documents: int | None,
+    heldout_fraction: float,
+    heldout_bytes: int,
+    seed: int,
+    log=None,
+) -> Sample:
+    """One pass over the shards: a seeded random sample for training and a held-out one for evaluation.
+
+    A shard that cannot be read to the end (truncated, malformed line) is reported with its file and line,
+    counted in `bad_shards`, and the documents read before the error are kept.
+    """
+    rng = random.Random(seed)
+    train = BoundedSample(sample_bytes, sample_documents)
+    heldout = BoundedSample(heldout_bytes)
+    stats = Sample(train=[], heldout=[])
+    last_report = time.monotonic()
+    for path in paths:
+        stats.files += 1
+        try:
+            for record in iter_shard_records(path):
+                text = record["text"]
+                if not text:
+                    continue
+                data = text.encode("utf-8", errors="surrogatepass")
+                stats.documents_read += 1
+                stats.bytes_read += len(data)
+                # Two draws per document whatever happens, so the sample depends on the seed only.
+                is_heldout, key = rng.random() < heldout_fraction, rng.random()
+                (heldout if is_heldout else train).offer(key, data)
+                if log and time.monotonic() - last_report > PROGRESS_SECONDS:
+                    last_report = time.monotonic()
+                    log(
+                        f"sampling: {stats.files} files, {stats.documents_read:,} documents, "
+                        f"{stats.bytes_read / 1e6:,.1f} MB read; sample {len(train):,} documents, "
+                        f"{train.bytes / 1e6:,.1f} MB"
+                    )
+        except ShardError as exc:
+            stats.bad_shards.append(str(exc))
+            if log:
+                log(f"warning: skipping the rest of a bad shard: {exc}")
+    stats.train, stats.heldout = train.items(), heldout.items()
+    return stats
+
+
+def iter_sentences(documents: list[bytes], max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """Training sentences for SentencePiece: each document in pieces of at most `max_bytes` bytes.
+
+    Documents are cut at line ends (newlines stay in the text, so pieces such as "\\n\\n" are learned),
+    a longer line at a character boundary. The list is emptied as it goes, so the sample's memory is
+    handed over to SentencePiece instead of being held twice.
+    """
+    documents.reverse()  # pop() from the end keeps the sample's (random) order
+    while documents:
+        data = documents.pop()
+        start = 0
+        while start < len(data):
+            end = start + max_bytes
+            if end < len(data):
+                newline = data.rfind(b"\n", start, end)
+                if newline >= start:
+                    end = newline + 1
+                else:
+                    while end > start and data[end] & 0xC0 == 0x80:  # inside a UTF-8 sequence
+                        end -= 1
+            yield data[start:end].decode("utf-8", errors="surrogatepass")
+            start = end
+
+
+def script_of(text: str) -> str:
+    """'han' or 'latin' by which of the two letter classes the text has more of; 'other' if neither."""
+    han, latin = len(_HAN.findall(text)), len(_LATIN.findall(text))
+    if han == latin == 0:
+        return "other"
+    return "han" if han > latin else "latin"
+
+
+def compression_report(tokenizer: Tokenizer, documents: list[bytes]) -> dict[str, dict[str, float]]:
+    """Bytes and characters per token on held-out documents, per script and overall."""
+    totals: dict[str, list[int]] = {}
+    for data in documents:
+        text = data.decode("utf-8", errors="surrogatepass")
+        n_tokens = len(tokenizer.encode(text))
+        for script in (script_of(text), "all"):
+            entry = totals.setdefault(script, [0, 0, 0, 0])
+            entry[0] += 1
+            entry[1] += len(data)
+            entry[2] += len(text)
+            entry[3] += n_tokens
+    return {
+        script: {
+            "documents": docs,
+            "bytes": nbytes,
+            "tokens": tokens,
+            "bytes_per_token": round(nbytes / max(tokens, 1), 3),
+            "chars_per_token": round(chars / max(tokens, 1), 3),
+        }
+        for script, (docs, nbytes, chars, tokens) in sorted(totals.items())
+    }
+
+
+def sentencepiece_options(
+    vocab_size: int, *, normalization: str, character_coverage: float, num_threads: int
+) -> dict:
+    """Open-Llama's SentencePiece trainer options (see docs/tokenizer.md for each choice)."""
+    return {
+        "model_type": "bpe",
+        "vocab_size": vocab_size,
+        "character_coverage": character_coverage,
+        "byte_fallback": True,
+        "split_digits": True,
+        "split_by_unicode_script": True,
+        "split_by_whitespace": True,
+        "allow_whitespace_only_pieces": True,
+        "remove_extra_whitespaces": False,
+        "add_dummy_prefix": False,
+        "normalization_rule_name": normalization,
+        "max_sentence_length": MAX_SENTENCE_BYTES,
+        # A corpus too small for the requested size yields a smaller vocabulary instead of an error.
+        "hard_vocab_limit": False,
+        "unk_id": 0,
+        "bos_id": 1,
+        "eos_id": 2,
+        "pad_id": 3,
+        "unk_piece": UNK,
+        "bos_piece": BOS,
+        "eos_piece": EOS,
+        "pad_piece": PAD,
+        # Control symbols are never matched in input text, unlike user_defined_symbols.
+        "control_symbols": CONTROL_TOKENS[3:],
+        "input_sentence_size": 0,  # the sample is already bounded and shuffled
+        "num_threads": num_threads,
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far.
+
+    Linux's VmHWM belongs to the process image, whereas ru_maxrss survives exec and would report the
+    parent's peak for a freshly started `python` (e.g. a subprocess of a large test runner).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kilobytes
+
+
+def train_tokenizer(
+    input_patterns: list[str] | str,
+    vocab_size: int,
+    output_dir: str | Path,
+    *,
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+    sample_documents: int | None = None,
+    heldout_fraction: float = 0.01,
+    heldout_bytes: int = DEFAULT_HELDOUT_BYTES,
+    seed: int = 0,
+    normalization: str = "identity",
+    character_coverage: float = 0.9995,
+    num_threads: int | None = None,
+    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+    verbose: bool = False,
+    log=None,
+) -> Path:
+    """Train a tokenizer on a random sample of the shards and write the tokenizer folder `output_dir`.
+
+    Returns `output_dir`. For tests: `train_tokenizer(paths, 500, tmp_path / "tok")` on a few hundred KB
+    of text takes about a second. An existing `output_dir` is replaced only if it is a tokenizer folder.
+    """
+    if normalization not in ("identity", "nfkc"):
+        raise ValueError(f"normalization must be 'identity' or 'nfkc', not {normalization!r}")
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), not {heldout_fraction}")
+    output_dir = Path(output_dir)
+    _check_replaceable(output_dir)
+    paths = expand_shard_paths(input_patterns)
+    started = time.perf_counter()
+
+    sample = draw_sample(
+        paths,
+        sample_bytes=sample_bytes,
+        sample_documents=sample_documents,
+        heldout_fraction=heldout_fraction,
+        heldout_bytes=heldout_bytes,
+        seed=seed,
+        log=log,
+    )
+    if not sample.train:
+        raise ValueError(
+            f"no text to train on in {len(paths)} shard file(s) matching {input_patterns!r}"
+            + (f" ({len(sample.bad_shards)} bad shards)" if sample.bad_shards else "")
+            + ("; documents are larger than --sample-bytes" if sample.documents_read else "")
+        )
+    sampled_documents, sampled_bytes = len(sample.train), sum(map(len, sample.train))
+    sampled_seconds = time.perf_counter() - started
+    if log:
+        log(
+            f"sampled {sampled_documents:,} documents, {sampled_bytes / 1e6:,.1f} MB "
+            f"of {sample.documents_read:,} documents, {sample.bytes_read / 1e6:,.1f} MB "
+            f"in {sampled_seconds:.1f} s; training SentencePiece (vocab {vocab_size:,})"
+        )
+
+    options = sentencepiece_options(
+        vocab_size,
+        normalization=normalization,
+        character_coverage=character_coverage,
+        num_threads=num_threads or os.cpu_count() or 1,
+    )
+    model = _train_sentencepiece(iter_sentences(sample.train), options, seed=seed, verbose=verbose)
+    trained_seconds = time.perf_counter() - started - sampled_seconds
+
+    tmp_dir = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    (tmp_dir / SP_MODEL_FILE).write_bytes(model)
+    write_hf_files(tmp_dir, model_max_length=model_max_length)
+    tokenizer = Tokenizer.load(tmp_dir)
+    summary = {
+        "inputs": [str(input_patterns)]
+        if isinstance(input_patterns, str | Path)
+        else list(map(str, input_patterns)),
+        "files": sample.files,
+        "bad_shards": sample.bad_shards,
+        "documents_read": sample.documents_read,
+        "bytes_read": sample.bytes_read,
+        "documents_sampled": sampled_documents,
+        "bytes_sampled": sampled_bytes,
+        "heldout_documents": len(sample.heldout),
+        "vocab_size_requested": vocab_size,
+        "vocab_size": tokenizer.vocab_size,
+        "sampling_seconds": round(sampled_seconds, 2),
+        "training_seconds": round(trained_seconds, 2),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "heldout_compression": compression_report(tokenizer, sample.heldout),
+        "sentencepiece_options": options,
+    }
+    (tmp_dir / SUMMARY_FILE).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    _replace_dir(tmp_dir, output_dir)
+    if log:
+        log(format_summary(summary, output_dir))
+    return output_dir
+
+
+def _train_sentencepiece(sentences: Iterator[str], options: dict, *, seed: int, verbose: bool) -> bytes:
+    """Run SentencePiece's trainer on `sentences`; returns the serialized model."""
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences, model_writer=model, minloglevel=0 if verbose else 2, **options
+        )
+    except RuntimeError as exc:
+        hint = ""
+        if "required_chars" in str(exc) or "vocab_size" in str(exc):
+            hint = " (raise --vocab-size or lower --character-coverage, e.g. 0.99 for Chinese text)"
+        raise ValueError(f"SentencePiece training failed: {exc}{hint}") from exc
+    return model.getvalue()
+
+
+def _check_replaceable(output_dir: Path) -> None:
+    if output_dir.exists() and not (
+        output_dir.is_dir() and ((output_dir / SP_MODEL_FILE).is_file() or not any(output_dir.iterdir()))
+    ):
+        raise FileExistsError(
+            f"{output_dir} exists and is not a tokenizer folder; choose another --output-dir"
+        )
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move the finished folder `new` to `target`, replacing an older tokenizer folder there."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, target)
+
+
+def format_summary(summary: dict, output_dir: Path) -> str:
+    lines = [
+        f"wrote {output_dir}: vocab {summary['vocab_size']:,}",
+        f"  sample: {summary['documents_sampled']:,} documents, {summary['bytes_sampled'] / 1e6:,.1f} MB "
+        f"(of {summary['documents_read']:,} documents, {summary['bytes_read'] / 1e6:,.1f} MB in "
+        f"{summary['files']} files{', ' + str(len(summary['bad_shards'])) + ' bad' if summary['bad_shards'] else ''})",
+        f"  time: sampling {summary['sampling_seconds']:.1f} s, training {summary['training_seconds']:.1f} s; "
+        f"peak RSS {summary['peak_rss_bytes'] / 2**20:,.0f} MiB",
+    ]
+    for script, row in summary["heldout_compression"].items():
+        lines.append(
+            f"  held-out {script:>5}: {row['documents']:,} documents, {row['bytes_per_token']:.2f} bytes/token, "
+            f"{row['chars_per_token']:.2f} chars/token"
+        )
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '100k', '1000' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500M, 2G)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** "_kmgt".index(unit or "_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="shard files, globs or folders (*.jsonl.zst)"
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, required=True, help="e.g. 100000 for 7B, 2000-8000 for the demo"
+    )
+    parser.add_argument("--output-dir", required=True, type=Path, help="tokenizer folder to write")
+    parser.add_argument(
+        "--sample-bytes", type=parse_size, default=DEFAULT_SAMPLE_BYTES, help="text to train on (default 1G)"
+    )
+    parser.add_argument("--sample-documents", type=int, default=None, help="at most this many documents")
+    parser.add_argument(
+        "--heldout-fraction", type=float, default=0.01, help="documents kept out for evaluation"
+    )
+    parser.add_argument("--heldout-bytes", type=parse_size, default=DEFAULT_HELDOUT_BYTES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--normalization", choices=["identity", "nfkc"], default="identity")
+    parser.add_argument("--character-coverage", type=float, default=0.9995)
+    parser.add_argument("--num-threads", type=int, default=None, help="SentencePiece threads (default: all)")
+    parser.add_argument("--model-max-length", type=int, default=DEFAULT_MODEL_MAX_LENGTH)
+    parser.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    args = parser.parse_args(argv)
+    if args.vocab_size < 300:
+        parser.error("--vocab-size must be at least 300 (256 byte pieces + control symbols + characters)")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        train_tokenizer(
+            args.input,
+            args.vocab_size,
+            args.output_dir,
+            sample_bytes=args.sample_bytes,
+            sample_documents=args.sample_documents,
+            heldout_fraction=args.heldout_fraction,
+            heldout_bytes=args.heldout_bytes,
+            seed=args.seed,
+            normalization=args.normalization,
+            character_coverage=args.character_coverage,
+            num_threads=args.num_threads,
+            model_max_length=args.model_max_length,
+            verbose=args.verbose,
+            log=None if args.quiet else log,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -374,17 +374,14 @@ def test_real_corpus_through_the_sharder_and_a_tokenizer(shared_corpus, tmp_path
     from data.shard import main as shard_main
 
     out = tmp_path / "shards"
-    assert (
-        shard_main([str(shared_corpus / "raw" / "pile"), "--format", "pile", "--output-dir", str(out)]) == 0
-    )
-    wudao = out / "part-wudao-00000-00000.jsonl.zst"
-    records = json.loads((shared_corpus / "raw" / "wudao" / "part-0.json").read_text())
-    write_shard(wudao, [r["content"] for r in records[:400]], "wudao")
-    tokdir = train_tokenizer([str(out)], 2000, tmp_path / "tok", sample_bytes=2 << 20)
+    for corpus_format in ("pile", "wudao"):
+        raw = str(shared_corpus / "raw" / corpus_format)
+        assert shard_main([raw, "--format", corpus_format, "--output-dir", str(out / corpus_format)]) == 0
+    shards = [str(out / "pile"), str(out / "wudao")]
+    tokdir = train_tokenizer(shards, 2000, tmp_path / "tok", sample_bytes=2 << 20, character_coverage=0.99)
     tokenizer = Tokenizer.load(tokdir)
     config = PretrainDataConfig(
-        shards=[str(out)],
-        tokenizer=str(tokdir),
+        shards=shards,
         seq_len=256,
         batch_size=4,
         num_workers=2,
@@ -398,30 +395,22 @@ def test_real_corpus_through_the_sharder_and_a_tokenizer(shared_corpus, tmp_path
     counts = state["tokens_per_source"]
     assert sum(counts.values()) == 10 * 4 * 256 and min(counts.values()) > 0.4 * 10 * 4 * 256
     # Every complete document in the rows is the encoding of a real record.
-    texts = set(iter_shard_texts(sorted(out.glob("*.jsonl.zst"))))
+    texts = set(iter_shard_texts(sorted(out.glob("*/*.jsonl.zst"))))
     docs = split_documents(torch.cat([b["input_ids"] for b in batches]).flatten().tolist(), tokenizer.eos_id)
     whole = [d for d in docs[1:] if d[0] == tokenizer.bos_id]
     assert len(whole) > 5
     for d in whole:
         assert tokenizer.decode(d) in texts
-    assert (
-        pd.main(
-            [
-                "--shards",
-                str(out),
-                "--tokenizer",
-                str(tokdir),
-                "--seq-len",
-                "64",
-                "--mixture",
-                "pile=1,wudao=1",
-                "--num-workers",
-                "0",
-                "--document-masking",
-            ]
-        )
-        == 0
-    )
+    flags = [
+        "--tokenizer",
+        str(tokdir),
+        "--seq-len",
+        "64",
+        "--mixture",
+        "pile=1,wudao=1",
+        "--document-masking",
+    ]
+    assert pd.main(["--shards", *shards, *flags]) == 0
     printed = capsys.readouterr().out
     assert (
         "batch 0 row 0:" in printed and "document start" in printed and "tokens per source: pile" in printed

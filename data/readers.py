@@ -203,6 +203,8 @@ class _SanitisedStream:
         self.replacements = 0
         self.bytes_read = 0
         self._buffer = b""
+        self._offset = 0
+        self._final = False
 
     def _decode(self, chunk: bytes, final: bool = False) -> bytes:
         try:
@@ -218,16 +220,20 @@ class _SanitisedStream:
             return text.encode("utf-8")
 
     def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
+        # Serve from one decoded chunk at a time by offset: no re-copying of the rest per read.
+        while self._offset >= len(self._buffer):
             chunk = next(self._chunks, None)
             if chunk is None:
-                self._buffer += self._decode(b"", final=True)
-                break
+                if self._final:
+                    return b""
+                self._final = True
+                self._buffer, self._offset = self._decode(b"", final=True), 0
+                continue
             self.bytes_read += len(chunk)
-            self._buffer += self._decode(chunk)
-        if size < 0:
-            size = len(self._buffer)
-        out, self._buffer = self._buffer[:size], self._buffer[size:]
+            self._buffer, self._offset = self._decode(chunk), 0
+        end = len(self._buffer) if size < 0 else self._offset + size
+        out = self._buffer[self._offset : end]
+        self._offset += len(out)
         return out
 
 

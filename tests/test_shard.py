@@ -394,3 +394,16 @@ def test_real_corpus_end_to_end(shared_corpus, tmp_path):
     assert (
         summary.totals["bytes_in"] == 10_331_985 + 10_560_324 + 9_330_473 + 1_988_453 + 2_193_957 + 2_112_454
     )
+
+
+def test_json_array_that_breaks_off(tmp_path):
+    src = tmp_path / "w.json"
+    src.write_text(
+        '[{"title": "a", "content": "one"},\n{"title": "b", "content": "two"},\n{"title": "c", "cont'
+    )
+    summary = shard_inputs([src], tmp_path / "out")
+    assert [d["text"] for d in read_docs(tmp_path / "out")] == ["a\none", "b\ntwo"]
+    [entry] = summary.manifest["inputs"]
+    assert entry["status"] == "error" and entry["error"].startswith(
+        f"{src}: malformed JSON array after item 2"
+    )

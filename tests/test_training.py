@@ -1,0 +1,464 @@
+"""The shared training loop: configs, schedule, non-finite steps, checkpoints, exact resume, multi-process.
+
+End-to-end runs go through `pretrain_llama.py` in a subprocess on real text from ../shared/corpus (small
+shards cut from it and a tokenizer trained here), fp32 on CPU so that resumed runs can be compared
+bit for bit. The multi-process checks (gloo DDP, DeepSpeed ZeRO-1) start real processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import torch
+import yaml
+import zstandard
+from safetensors.torch import load_file
+
+from data.shard_io import iter_shard_records
+from dataset.train_tokenizer import train_tokenizer
+from models.llama import Llama, ModelConfig
+from training.checkpoint import Checkpointer, CheckpointError
+from training.config import ConfigError, LoggingConfig, OptimConfig, TrainConfig, load_config, parse_config
+from training.distributed import build_accelerator
+from training.loop import NonFiniteLossError, train
+from training.optim import build_optimizer, lr_factor, param_groups
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small real-text fixtures
+
+
+@pytest.fixture(scope="module")
+def real_data(shared_corpus, tmp_path_factory) -> dict[str, Path]:
+    """Four small shards of real English text and code (The Pile sample) plus a 512-token tokenizer."""
+    root = tmp_path_factory.mktemp("train_data")
+    shards = root / "shards"
+    shards.mkdir()
+    texts = []
+    for record in iter_shard_records(shared_corpus / "raw" / "pile" / "00.jsonl.zst"):
+        texts.append(record["text"][:1500])
+        if len(texts) == 240:
+            break
+    for i in range(4):
+        lines = b"".join(orjson.dumps({"text": t, "meta": {"source": "pile"}}) + b"\n" for t in texts[i::4])
+        (shards / f"part-pile-{i:05d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    tokdir = train_tokenizer([str(shards / "*.jsonl.zst")], 512, root / "tok")
+    return {"shards": shards, "tokenizer": tokdir, "root": root}
+
+
+def run_config(real_data, out: Path, **sections) -> Path:
+    """A tiny fp32 pretraining config for `real_data`, with section overrides; returns its YAML path."""
+    config = {
+        "model": {
+            "preset": "tiny",
+            "vocab_size": 0,
+            "dim": 64,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "max_seq_len": 64,
+        },
+        "data": {
+            "shards": [str(real_data["shards"] / "*.jsonl.zst")],
+            "tokenizer": str(real_data["tokenizer"]),
+            "seq_len": 64,
+            "batch_size": 8,
+            "num_workers": 0,
+            "unit_docs": 16,
+            "validation_fraction": 0.05,
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 10},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": 60,
+            "precision": "fp32",
+            "checkpoint_every": 10,
+            "keep_last": 2,
+            "eval_every": 30,
+            "eval_batches": 2,
+        },
+        "logging": {"log_every": 1, "progress_bar": False, "sample_every": 0},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+def pretrain(config: Path, *args: str, launcher: list[str] | None = None, **env_extra: str):
+    cmd = [*(launcher or [PYTHON]), str(REPO / "pretrain_llama.py"), "--config", str(config), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=600)
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
+
+
+def weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(step_dir / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclasses.dataclass
+class _Run:
+    model: ModelConfig
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+
+def test_yaml_then_command_line_with_declared_types(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {preset: tiny, n_layers: 3}\noptim: {lr: 3e-4}\ntrain: {max_steps: 10}\n")
+    config = parse_config(
+        _Run,
+        [
+            "--config",
+            str(path),
+            "--model.dim",
+            "128",
+            "--train.max_steps=20",
+            "--train.debug_nan_steps",
+            "[2, 3]",
+        ],
+    )
+    assert config.optim.lr == 3e-4 and isinstance(config.optim.lr, float)  # YAML reads 3e-4 as a string
+    assert config.model == ModelConfig.from_preset("tiny", n_layers=3, dim=128)
+    assert config.train.max_steps == 20 and config.train.debug_nan_steps == [2, 3]
+    assert config.optim.warmup_steps == OptimConfig().warmup_steps
+
+
+@pytest.mark.parametrize(
+    ("argv", "yaml_text", "expected"),
+    [
+        ([], "train: {max_stepz: 3}\n", "unknown key 'train.max_stepz' (did you mean 'max_steps'?)"),
+        (["--optim.lrr", "1"], "", "unknown option --optim.lrr (did you mean 'lr'?)"),
+        ([], "trian: {}\n", "unknown key 'trian'"),
+        (["--train.max_steps", "ten"], "", "'train.max_steps' must be int"),
+    ],
+)
+def test_config_errors_name_the_key_and_the_valid_keys(tmp_path, argv, yaml_text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text or "{}\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(_Run, ["--config", str(path), *argv])
+    assert expected in str(err.value)
+    if "unknown" in expected:
+        assert "valid keys" in str(err.value)
+
+
+def test_typo_in_a_run_config_is_a_clean_cli_error(real_data, tmp_path):
+    config = run_config(real_data, tmp_path / "out")
+    result = pretrain(config, "--train.checkpoint_evry", "3")
+    assert result.returncode == 2
+    assert "unknown option --train.checkpoint_evry (did you mean 'checkpoint_every'?)" in result.stderr
+    assert "max_steps" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_minimum():
+    config = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, config, 110) == pytest.approx(0.1)
+    assert lr_factor(9, config, 110) == pytest.approx(1.0)
+    assert lr_factor(10, config, 110) == pytest.approx(1.0)
+    # Halfway through the decay the cosine is at its midpoint: min + (1 - min) / 2.
+    assert lr_factor(60, config, 110) == pytest.approx(0.55)
+    assert lr_factor(110, config, 110) == pytest.approx(0.1)
+    assert lr_factor(500, config, 110) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = Llama(ModelConfig.from_preset("tiny", vocab_size=100, dim=32, n_layers=1, n_heads=2))
+    model.extra = torch.nn.Linear(4, 4, bias=True)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "model.embed_tokens.weight" in no_decay_names  # tied with lm_head: one tensor, no decay
+    assert "model.norm.weight" in no_decay_names and "extra.bias" in no_decay_names
+    assert all("norm" in n or n.endswith("bias") or "embed" in n for n in no_decay_names)
+    assert {names[id(p)] for p in decay["params"]} >= {
+        "model.layers.0.self_attn.q_proj.weight",
+        "extra.weight",
+    }
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert build_optimizer(model, OptimConfig()).defaults["fused"] is None  # CPU: no fused kernel
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-process loop checks on a synthetic learnable stream
+
+
+class RowStream:
+    """Deterministic batches (rows are shifted ranges mod V); rank r takes rows r::world of each batch."""
+
+    def __init__(self, rank: int = 0, world: int = 1, batch: int = 4, seq: int = 32, vocab: int = 128):
+        self.index, self.rank, self.world, self.batch, self.seq, self.vocab = (
+            0,
+            rank,
+            world,
+            batch,
+            seq,
+            vocab,
+        )
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(self.index)
+            start = torch.randint(0, self.vocab, (self.batch, 1), generator=g)
+            ids = ((start + torch.arange(self.seq)) % self.vocab)[self.rank :: self.world]
+            labels = ids.clone()
+            labels[:, : self.index % 5] = -100  # uneven token counts across rows and ranks
+            self.index += 1
+            yield {"input_ids": ids, "labels": labels}
+
+    def state_dict(self):
+        return {"index": self.index}
+
+    def load_state_dict(self, state):
+        self.index = state["index"]
+
+
+def tiny_run(out: Path, **train) -> _Run:
+    return _Run(
+        model=ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=2, max_seq_len=32),
+        optim=OptimConfig(lr=3e-3, warmup_steps=100),  # warmup only: the lr does not depend on max_steps
+        train=TrainConfig(output_dir=str(out), precision="fp32", checkpoint_every=0, eval_every=0, **train),
+        logging=LoggingConfig(progress_bar=False, log_every=1, plot=False),
+    )
+
+
+def run_in_process(config: _Run):
+    accelerator = build_accelerator(config.train)
+    torch.manual_seed(0)
+    model = Llama(config.model)
+    return train(model, RowStream(), config=config, accelerator=accelerator), model
+
+
+def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
+    clean, clean_model = run_in_process(tiny_run(tmp_path / "a", max_steps=2))
+    skipped, skipped_model = run_in_process(tiny_run(tmp_path / "b", max_steps=3, debug_nan_steps=[3]))
+    assert skipped.nonfinite_steps == 1 and clean.nonfinite_steps == 0
+    # Step 3 applied no update: the weights are those after step 2.
+    for (name, a), b in zip(clean_model.state_dict().items(), skipped_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    record = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["step"] == 3 and record["loss"] is None and record["nonfinite_steps"] == 1
+
+
+def test_consecutive_nonfinite_losses_stop_the_run(tmp_path):
+    config = tiny_run(tmp_path / "c", max_steps=10, debug_nan_steps=[2, 3, 4], max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps with a non-finite loss \(steps 2-4\)"):
+        run_in_process(config)
+
+
+def test_no_checkpoint_of_nonfinite_weights(tmp_path):
+    config = tiny_run(tmp_path / "d", max_steps=1)
+    accelerator = build_accelerator(config.train)
+    model = accelerator.prepare(Llama(config.model))
+    checkpointer = Checkpointer(accelerator, tmp_path / "d", every=1, keep_last=0, run_config=config)
+    checkpointer.save(1, {}, model)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    with pytest.raises(CheckpointError, match="non-finite weights"):
+        checkpointer.save(2, {}, model)
+    assert [p.name for p in checkpointer.step_dirs()] == ["step-1"]
+    assert not list((tmp_path / "d").glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end on real text: loss falls, kill -9 and resume, kill during a checkpoint write
+
+
+@pytest.fixture(scope="module")
+def reference_run(real_data):
+    """An uninterrupted 60-step run, the reference for the resumed ones."""
+    out = real_data["root"] / "reference"
+    result = pretrain(run_config(real_data, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_loss_falls_on_real_text_and_the_run_is_complete(reference_run):
+    loss = losses(reference_run)
+    first, last = loss[1], sum(loss[s] for s in range(56, 61)) / 5
+    assert first == pytest.approx(math.log(512), abs=0.3)  # an untrained model is near-uniform
+    assert last < first - 1.0, (first, last)
+    assert (reference_run / "latest").read_text().strip() == "step-60"
+    assert sorted(p.name for p in reference_run.glob("step-*")) == ["step-50", "step-60"]  # keep_last 2
+    assert (reference_run / "loss_curve.png").stat().st_size > 1000
+    records = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [30, 60] and val[1]["val_loss"] < val[0]["val_loss"]
+    assert val[1]["val_ppl"] == pytest.approx(math.exp(val[1]["val_loss"]))
+    # The saved config rebuilds the model, and the Hugging Face export matches the last checkpoint.
+    from pretrain_llama import PretrainConfig
+
+    saved = load_config(PretrainConfig, reference_run / "step-60" / "config.yaml")
+    assert saved.model.vocab_size == 512 and saved.model.dim == 64
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(reference_run / "hf")
+    ours = Llama(saved.model)
+    ours.load_state_dict(weights(reference_run / "step-60"), strict=False)
+    ours.tie_weights()
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_kill_9_after_a_checkpoint_then_resume_auto_is_exact(real_data, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    config = run_config(real_data, out)
+    cmd = [PYTHON, str(REPO / "pretrain_llama.py"), "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "latest").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = int((out / "latest").read_text().strip().split("-")[1])
+    assert killed_at < 60
+
+    result = pretrain(config, "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"(step {killed_at})" in result.stderr  # it did resume, from the checkpoint
+    reference, resumed = losses(reference_run), losses(out)
+    assert resumed == reference  # every step, before and after the kill, bit for bit
+    for name, tensor in weights(reference_run / "step-60").items():
+        assert torch.equal(tensor, weights(out / "step-60")[name]), name
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(real_data, reference_run, tmp_path):
+    out = tmp_path / "torn"
+    config = run_config(real_data, out)
+    result = pretrain(config, OPEN_LLAMA_KILL_DURING_CHECKPOINT="20")
+    assert result.returncode == -signal.SIGKILL
+    assert (out / "latest").read_text().strip() == "step-10"
+    assert (out / "step-20.tmp").is_dir() and not (out / "step-20").exists()
+
+    result = pretrain(config, "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "removing" in result.stderr and "(step 10)" in result.stderr
+    assert not list(out.glob("*.tmp"))
+    assert losses(out) == losses(reference_run)
+
+
+def test_fresh_start_refuses_to_overwrite_a_run(real_data, reference_run):
+    result = pretrain(run_config(real_data, reference_run))
+    assert result.returncode == 1 and "pass --resume auto" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several processes
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from tests.test_training import RowStream, tiny_run
+    from models.llama import Llama
+    from training.distributed import build_accelerator
+    from training.loop import train
+
+    out, micro_batch, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    config = tiny_run(__import__("pathlib").Path(out), max_steps=10, grad_accum_steps=accum)
+    accelerator = build_accelerator(config.train)
+    torch.manual_seed(0)
+    model = Llama(config.model)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    # The global batch of 4 rows per step is split across ranks and accumulation steps.
+    class Split(RowStream):
+        def __iter__(self):
+            for batch in RowStream.__iter__(self):
+                rows = {k: v[rank::world] for k, v in batch.items()}
+                for i in range(accum):
+                    yield {k: v[i * micro_batch:(i + 1) * micro_batch] for k, v in rows.items()}
+    result = train(model, Split(), config=config, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print("LOSSES", json.dumps(result.losses), "WORLD", world)
+    """
+)
+
+
+def run_driver(tmp_path: Path, name: str, launcher: list[str], micro_batch: int, accum: int) -> list[float]:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    cmd = [*launcher, str(script), str(tmp_path / name), str(micro_batch), str(accum)]
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("LOSSES"))
+    return json.loads(line.split(" ", 1)[1].rsplit(" WORLD", 1)[0])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    accelerate = [
+        str(Path(PYTHON).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu.yaml"),
+    ]
+    one = run_driver(tmp_path, "one", [PYTHON], micro_batch=4, accum=1)
+    accumulated = run_driver(tmp_path, "accum", [PYTHON], micro_batch=2, accum=2)
+    two = run_driver(tmp_path, "two", [*accelerate, "--num_processes", "2"], micro_batch=2, accum=1)
+    assert len(one) == len(two) == 10
+    assert one[-1] < one[0]
+    for a, b, c in zip(one, two, accumulated):
+        assert abs(a - b) < 1e-5 and abs(a - c) < 1e-5, (one, two, accumulated)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero1_two_cpu_processes_train_checkpoint_and_resume(real_data, tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero1"
+    config = run_config(real_data, out, train={"max_steps": 6, "checkpoint_every": 3, "eval_every": 0})
+    launcher = [
+        str(Path(PYTHON).parent / "accelerate"), "launch", "--num_processes", "2",
+        "--config_file", str(REPO / "configs/accelerate/deepspeed_zero1.yaml"),
+    ]  # fmt: skip
+    result = pretrain(config, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    state = json.loads((out / "step-6" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert (out / "step-6" / "pytorch_model").is_dir()  # DeepSpeed's ZeRO checkpoint layout
+    rank_states = [torch.load(out / "step-6" / f"loop_state_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert rank_states[0]["train_data"]["fingerprint"]["rank"] == 0
+    assert rank_states[1]["train_data"]["fingerprint"]["rank"] == 1
+    full = losses(out)
+    assert full[6] < full[1]
+
+    # Resume from step 3: steps 4-6 come out the same.
+    import shutil
+
+    shutil.rmtree(out / "step-6")
+    (out / "latest").write_text("step-3\n")
+    result = pretrain(config, "--resume", "auto", launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = losses(out)
+    assert resumed == pytest.approx(full, abs=1e-6)

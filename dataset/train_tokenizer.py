@@ -48,7 +48,8 @@ from dataset.tokenizer import (
     write_hf_files,
 )
 
-DEFAULT_SAMPLE_BYTES = 1 << 30
+# Peak memory is about 80 MiB + 12 MiB per MB sampled (docs/tokenizer.md): ~3 GiB for the default.
+DEFAULT_SAMPLE_BYTES = 256 << 20
 DEFAULT_HELDOUT_BYTES = 8 << 20
 MAX_SENTENCE_BYTES = 16384
 SUMMARY_FILE = "training_summary.json"
@@ -428,18 +429,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output-dir", required=True, type=Path, help="tokenizer folder to write")
     parser.add_argument(
-        "--sample-bytes", type=parse_size, default=DEFAULT_SAMPLE_BYTES, help="text to train on (default 1G)"
+        "--sample-bytes",
+        type=parse_size,
+        default=DEFAULT_SAMPLE_BYTES,
+        help="text to train on (default 256M; ~12 MiB of RAM per MB)",
     )
     parser.add_argument("--sample-documents", type=int, default=None, help="at most this many documents")
     parser.add_argument(
         "--heldout-fraction", type=float, default=0.01, help="documents kept out for evaluation"
     )
-    parser.add_argument("--heldout-bytes", type=parse_size, default=DEFAULT_HELDOUT_BYTES)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--normalization", choices=["identity", "nfkc"], default="identity")
-    parser.add_argument("--character-coverage", type=float, default=0.9995)
+    parser.add_argument(
+        "--heldout-bytes",
+        type=parse_size,
+        default=DEFAULT_HELDOUT_BYTES,
+        help="at most this much held-out text",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same tokenizer)")
+    parser.add_argument(
+        "--normalization",
+        choices=["identity", "nfkc"],
+        default="identity",
+        help="identity keeps decode(encode(x)) == x; nfkc folds compatibility characters (e.g. fullwidth)",
+    )
+    parser.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        help="share of characters that get their own piece",
+    )
     parser.add_argument("--num-threads", type=int, default=None, help="SentencePiece threads (default: all)")
-    parser.add_argument("--model-max-length", type=int, default=DEFAULT_MODEL_MAX_LENGTH)
+    parser.add_argument(
+        "--model-max-length",
+        type=int,
+        default=DEFAULT_MODEL_MAX_LENGTH,
+        help="written to tokenizer_config.json",
+    )
     parser.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = parser.parse_args(argv)

@@ -108,7 +108,9 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -116,7 +118,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per subprocess")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating subprocess pairs (ours, transformers)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating subprocess pairs (ours, transformers)"
+    )
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables instead")
     parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -18,13 +18,15 @@ Architecture choices and where they come from:
 Parameter names follow transformers' ``LlamaForCausalLM`` (``model.embed_tokens.weight``,
 ``model.layers.{i}.self_attn.q_proj.weight``, ..., ``lm_head.weight``) so checkpoints map one to one;
 the stable-embedding LayerNorm (``model.embed_layernorm``) is the only extra module, folded away on export
-(models/hf.py). Attention kernels are chosen once by name in models/attention.py.
+(models/hf.py). Attention kernels are chosen once by name in models/attention.py, fused kernels for the
+norm, RoPE, SwiGLU and the loss by the fused_* switches in models/kernels.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import AttentionBackend, get_attention_backend
+from models.kernels import CROSS_ENTROPY_CHOICES, Kernels, select_kernels
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -86,6 +89,15 @@ class ModelConfig:
     """Attention kernel: sdpa (default), eager (reference), flex, xformers, flash_attn (see models/attention.py)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+    fused_norm: bool = False
+    """RMSNorm through Liger Kernel's Triton kernel on CUDA (models/kernels.py); F.rms_norm elsewhere."""
+    fused_rope: bool = False
+    """Rotary embedding of q and k through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
+    fused_swiglu: bool = False
+    """SwiGLU's silu(gate) * up through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
+    fused_cross_entropy: str = "none"
+    """LM head + loss: none (full logits), chunked (PyTorch, any device) or liger (Liger's fused kernel on
+    CUDA, else chunked). chunked and liger never hold the full logits: with labels, forward returns none."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation."""
 
@@ -108,6 +120,10 @@ class ModelConfig:
                 raise ValueError(
                     f"rope_scaling type {rope_type!r} is not supported (use 'llama3' or 'linear')"
                 )
+        if self.fused_cross_entropy not in CROSS_ENTROPY_CHOICES:
+            raise ValueError(
+                f"fused_cross_entropy must be one of {CROSS_ENTROPY_CHOICES}, got {self.fused_cross_entropy!r}"
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -163,16 +179,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square normalisation with a learned gain, one fused kernel (F.rms_norm)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, one kernel (F.rms_norm)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
-    def __init__(self, dim: int, eps: float) -> None:
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned gain; `kernel` computes it (models/kernels.py)."""
+
+    def __init__(self, dim: int, eps: float, kernel: Callable[..., torch.Tensor] = rms_norm) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.kernel(x, self.weight, self.eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,6 +260,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def rotate_queries_keys(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the rotary embedding to queries and keys."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 # --------------------------------------------------------------------------------------------------
 # Attention with grouped-query heads
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +313,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, kernels: Kernels
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
@@ -293,6 +324,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.backend = backend
+        self.rotary = kernels.rotary
 
     def forward(
         self,
@@ -306,7 +338,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         out = self.backend(q, k, v, mask)  # (B, n_heads, T, head_dim); kv heads are shared, never repeated
@@ -318,15 +350,21 @@ class Attention(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating: silu(gate) * up."""
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kernels: Kernels) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=False)
+        self.swiglu = kernels.swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,12 +375,14 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, kernels: Kernels
+    ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.self_attn = Attention(config, layer_idx, backend)
-        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps, kernels.rms_norm)
+        self.self_attn = Attention(config, layer_idx, backend, kernels)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps, kernels.rms_norm)
+        self.mlp = MLP(config, kernels)
 
     def forward(
         self,
@@ -364,14 +404,14 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding (+ stable-embedding LayerNorm), the decoder blocks, the final norm."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, kernels: Kernels) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.embed_layernorm = (
             nn.LayerNorm(config.dim, eps=config.norm_eps) if config.stable_embedding else None
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, backend, kernels) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, kernels.rms_norm)
 
 
 @dataclass
@@ -397,7 +437,8 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.attention_backend = get_attention_backend(config.attention_backend)
-        self.model = LlamaModel(config, self.attention_backend)
+        self.kernels = select_kernels(config, REFERENCE_KERNELS)
+        self.model = LlamaModel(config, self.attention_backend, self.kernels)
         self.rotary = RotaryEmbedding(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -480,8 +521,8 @@ class Llama(nn.Module):
             kv_cache.length += t
 
         if labels is not None:
-            logits = self.lm_head(x)
-            return CausalLMOutput(loss=causal_lm_loss(logits, labels), logits=logits)
+            loss, logits = self.kernels.linear_cross_entropy(x, self.lm_head.weight, shift_labels(labels))
+            return CausalLMOutput(loss=loss, logits=logits)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return CausalLMOutput(logits=self.lm_head(x))
@@ -508,10 +549,38 @@ class Llama(nn.Module):
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels are unshifted (HF convention) and -100 marks ignored tokens."""
-    # Shift the labels rather than the logits: no copy of the (B, T, V) logits.
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Next-token targets from unshifted (HF convention) labels; the last position has none (-100).
+
+    Shifting the labels rather than the logits avoids a copy of the (B, T, V) logits.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in float32) of logits (..., V) against targets (...); -100 is ignored."""
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
     )
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels are unshifted (HF convention) and -100 marks ignored tokens."""
+    return token_cross_entropy(logits, shift_labels(labels))
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference LM head + loss: the full logits, then the mean cross-entropy against shifted targets."""
+    logits = F.linear(hidden, weight)
+    return token_cross_entropy(logits, targets), logits
+
+
+# The PyTorch implementations the model starts from; models/kernels.py swaps in fused ones by config.
+REFERENCE_KERNELS = Kernels(
+    rms_norm=rms_norm,
+    rotary=rotate_queries_keys,
+    swiglu=swiglu,
+    linear_cross_entropy=linear_cross_entropy,
+)

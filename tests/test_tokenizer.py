@@ -139,7 +139,8 @@ def test_autotokenizer_matches_sentencepiece_on_real_text(corpus_tokdir, heldout
     got = hf(texts, add_special_tokens=False)["input_ids"]
     mismatches = [i for i, (e, g) in enumerate(zip(expected, got)) if e != g]
     assert not mismatches, f"{len(mismatches)} texts differ, first: {texts[mismatches[0]][:200]!r}"
-    assert Tokenizer.load(corpus_tokdir).encode_batch(texts, num_threads=2) == expected
+    tok = Tokenizer.load(corpus_tokdir)
+    assert tok.encode_batch(texts, num_threads=2) == expected
     # HF's safe mode for untrusted text gives the same ids, with or without control-token strings.
     few = texts[:100] + TRICKY_TEXTS
     assert hf(few, add_special_tokens=False, split_special_tokens=True)["input_ids"] == sp_processor(
@@ -147,7 +148,7 @@ def test_autotokenizer_matches_sentencepiece_on_real_text(corpus_tokdir, heldout
     ).encode(few)
     # Decoding gives the documents back, on both sides.
     assert hf.batch_decode(got[:300]) == texts[:300]
-    assert [Tokenizer.load(corpus_tokdir).decode(ids) for ids in expected] == texts
+    assert [tok.decode(ids) for ids in expected] == texts
 
 
 def test_heldout_compression_report_per_script(corpus_tokdir):

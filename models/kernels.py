@@ -1,0 +1,315 @@
+"""Fused-kernel switches: the model's fusable operations, chosen once when the model is built.
+
+The model (models/llama.py) calls four functions through one `Kernels` object; `select_kernels` fills
+it from the config's switches, starting from the model's own PyTorch reference implementations and
+replacing each switched-on one with its fast version. A fast version that cannot run here (no CUDA
+device, Liger Kernel not installed or broken) falls back to the reference with ONE log line per switch
+and process, never an error, so a config written for a GPU cluster still loads on a laptop.
+
+| switch (ModelConfig)  | reference (any device)                | fast path                                        |
+|-----------------------|---------------------------------------|--------------------------------------------------|
+| fused_norm            | F.rms_norm                            | Liger's Triton RMSNorm (CUDA)                    |
+| fused_rope            | rotate-half RoPE in PyTorch           | Liger's Triton RoPE: q and k in one kernel (CUDA)|
+| fused_swiglu          | F.silu(gate) * up                     | Liger's SiLU-mul kernel (CUDA)                   |
+| fused_cross_entropy   | "none": full logits, F.cross_entropy  | "chunked": PyTorch, any device, no full logits;  |
+|                       |                                       | "liger": Liger's fused linear + cross-entropy    |
+
+Both fused cross-entropies compute the LM head and the loss over chunks of tokens, so the
+(tokens x vocab) float32 logits (2 GiB for 8 x 2048 tokens and a 32k vocabulary, plus their gradient)
+never exist at once; the model then returns no logits when it is given labels. "liger" falls back to
+"chunked" when Liger cannot run.
+
+`compile_model` applies torch.compile per decoder block (torchtitan's recipe), outside the model; the
+training loop calls it for `train.compile: true`. Fused AdamW is chosen in training/optim.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+GPU_EXTRAS_HINT = "pip install -r requirements-gpu.txt"
+CROSS_ENTROPY_CHOICES = ("none", "chunked", "liger")
+IGNORE_INDEX = -100
+
+
+class KernelSwitches(Protocol):
+    """The config fields `select_kernels` reads (ModelConfig has them)."""
+
+    fused_norm: bool
+    fused_rope: bool
+    fused_swiglu: bool
+    fused_cross_entropy: str
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The functions the model calls for its fusable operations."""
+
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    """(x, weight, eps) -> normalised x."""
+    rotary: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+    ]
+    """(q (B, Hq, T, D), k (B, Hkv, T, D), cos (B, T, D), sin (B, T, D)) -> rotated (q, k)."""
+    swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """(gate, up) -> silu(gate) * up."""
+    linear_cross_entropy: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]
+    ]
+    """(hidden (B, T, D), head weight (V, D), targets (B, T) already shifted, -100 ignored) ->
+    (mean token cross-entropy, logits or None when they were never materialised)."""
+    names: dict[str, str] = dataclasses.field(default_factory=dict)
+    """What was chosen for each switched-on operation ("liger", "chunked", or "torch" after a fallback)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------
+
+_logged_fallbacks: set[tuple[str, str]] = set()
+
+
+def _fallback(switch: str, reason: str, instead: str) -> None:
+    """Say once per process that `switch` runs `instead` of its fast path, and why."""
+    if (switch, reason) in _logged_fallbacks:
+        return
+    _logged_fallbacks.add((switch, reason))
+    log.warning("%s: %s; using %s instead", switch, reason, instead)
+
+
+def liger_unavailable_reason() -> str | None:
+    """Why Liger Kernel's Triton kernels cannot run in this process, or None when they can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (Liger Kernel's kernels are Triton GPU kernels)"
+    try:
+        importlib.import_module("liger_kernel.ops.rms_norm")
+    except ImportError as e:
+        if getattr(e, "name", None) in ("liger_kernel", "triton"):
+            return f"{e.name} is not installed ({GPU_EXTRAS_HINT})"
+        return f"liger-kernel failed to import ({e})"
+    return None
+
+
+def _cuda_or(fast: Callable[..., Any], reference: Callable[..., Any]) -> Callable[..., Any]:
+    """Call `fast` on CUDA tensors and `reference` otherwise (a GPU-trained model used on the CPU)."""
+
+    def kernel(x: torch.Tensor, *args: Any) -> Any:
+        return fast(x, *args) if x.is_cuda else reference(x, *args)
+
+    kernel.__name__ = getattr(fast, "__name__", "kernel")
+    return kernel
+
+
+def select_kernels(config: KernelSwitches, reference: Kernels) -> Kernels:
+    """`reference` with every operation switched on in `config` replaced by its fast version."""
+    wanted = {
+        "fused_norm": config.fused_norm,
+        "fused_rope": config.fused_rope,
+        "fused_swiglu": config.fused_swiglu,
+        "fused_cross_entropy": config.fused_cross_entropy == "liger",
+    }
+    liger_reason = liger_unavailable_reason() if any(wanted.values()) else None
+    chosen: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    if config.fused_cross_entropy == "chunked":
+        chosen["linear_cross_entropy"], names["fused_cross_entropy"] = chunked_linear_cross_entropy, "chunked"
+    for switch, field, reference_name in (
+        ("fused_norm", "rms_norm", "torch F.rms_norm"),
+        ("fused_rope", "rotary", "the PyTorch rotary embedding"),
+        ("fused_swiglu", "swiglu", "torch F.silu(gate) * up"),
+        ("fused_cross_entropy", "linear_cross_entropy", "the chunked PyTorch cross-entropy"),
+    ):
+        if not wanted[switch]:
+            continue
+        if liger_reason is not None:
+            _fallback(switch, liger_reason, reference_name)
+            if switch == "fused_cross_entropy":
+                chosen[field], names[switch] = chunked_linear_cross_entropy, "chunked"
+            else:
+                names[switch] = "torch"
+            continue
+        slow = chunked_linear_cross_entropy if switch == "fused_cross_entropy" else getattr(reference, field)
+        chosen[field] = _cuda_or(_LIGER_BUILDERS[field](), slow)
+        names[switch] = "liger"
+    return dataclasses.replace(reference, names=names, **chosen)
+
+
+# --------------------------------------------------------------------------------------------------
+# Liger Kernel (imported only when selected; GPU only)
+# --------------------------------------------------------------------------------------------------
+
+
+def _liger_rms_norm() -> Callable[..., torch.Tensor]:
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # offset 0 and "llama" casting (statistics in fp32, like F.rms_norm); not in place, because the
+        # incoming gradient may be shared with other consumers of the residual stream.
+        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+
+    return rms_norm
+
+
+def _liger_rotary() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    def rotary(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Same (B, H, T, D) layout and rotate-half cos/sin (B, T, D) as transformers' Llama.
+        return liger_rotary_pos_emb(q, k, cos, sin)
+
+    return rotary
+
+
+def _liger_swiglu() -> Callable[..., torch.Tensor]:
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return LigerSiLUMulFunction.apply(gate, up)
+
+    return swiglu
+
+
+def _liger_linear_cross_entropy() -> Callable[..., tuple[torch.Tensor, None]]:
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+
+    def linear_cross_entropy(
+        hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        # Liger runs its chunk matmuls under the caller's autocast, so bf16 autocast applies as usual.
+        return loss_fn(weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)), None
+
+    return linear_cross_entropy
+
+
+_LIGER_BUILDERS: dict[str, Callable[[], Callable[..., Any]]] = {
+    "rms_norm": _liger_rms_norm,
+    "rotary": _liger_rotary,
+    "swiglu": _liger_swiglu,
+    "linear_cross_entropy": _liger_linear_cross_entropy,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked linear + cross-entropy in plain PyTorch (any device)
+# --------------------------------------------------------------------------------------------------
+
+
+def default_chunk_size(n_tokens: int, dim: int, vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's logits hold about as many numbers as the hidden states.
+
+    That keeps the transient memory of the loss near that of one activation (Liger's rule), whatever the
+    vocabulary; a power of two, at least 256 rows so that the LM-head matmuls stay efficient.
+    """
+    chunks = math.ceil(vocab_size / dim)
+    rows = 2 ** math.ceil(math.log2(max(1, math.ceil(n_tokens / chunks))))
+    return max(1, min(n_tokens, max(256, rows)))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of hidden @ weight.T, with both gradients computed chunk by chunk in forward.
+
+    Computing the gradients while the chunk's logits exist (instead of recomputing them in backward)
+    keeps the FLOPs of the plain path: three matmuls per chunk. Backward only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
+        n_valid = (targets != IGNORE_INDEX).sum().to(torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            raw = h @ weight.t()  # in the autocast dtype when autocast is on (bf16 on GPU)
+            logits = raw.float()
+            valid = t != IGNORE_INDEX
+            safe_t = t.masked_fill(~valid, 0)[:, None]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss_sum += ((lse - logits.gather(1, safe_t)).squeeze(1) * valid).sum()
+            # d(mean CE)/d(logits) = (softmax - one_hot) / n_valid on valid rows, built in place in `logits`
+            # in float32, then cast to the matmul dtype: what autograd does for logits.float() in the plain path.
+            grad = logits.sub_(lse).exp_()
+            grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad.dtype))
+            grad = grad.mul_((valid / n_valid)[:, None]).to(raw.dtype)
+            del raw, logits
+            grad_hidden[start : start + chunk_size] = grad @ weight
+            grad_weight += grad.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden * grad_loss.to(grad_hidden.dtype),
+            (grad_weight * grad_loss).to(ctx.weight_dtype),
+            None,
+            None,
+        )
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
+) -> tuple[torch.Tensor, None]:
+    """Mean token cross-entropy of `hidden @ weight.T` against `targets` (-100 ignored), never holding the
+    full (tokens, vocab) logits: chunks of `chunk_size` tokens (default: `default_chunk_size`)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    chunk_size = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size), None
+    # No backward to prepare for (validation): the loss alone, chunk by chunk.
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = (hidden[start : start + chunk_size] @ weight.t()).float()
+        loss_sum += torch.nn.functional.cross_entropy(
+            logits, targets[start : start + chunk_size], ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    return loss_sum / (targets != IGNORE_INDEX).sum(), None
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile per block
+# --------------------------------------------------------------------------------------------------
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder blocks of our Llama or of transformers' LlamaForCausalLM (both at `.model.layers`)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def compile_model(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """torch.compile every decoder block in place (torchtitan's per-block compile); returns `model`.
+
+    Blocks share one code path, so the compiled graph is reused by every layer (the parameters are graph
+    inputs), which compiles in seconds rather than minutes for a deep model, and activation checkpointing
+    wraps compiled blocks unchanged. Compiling in place keeps parameter names, so checkpoints stay
+    unprefixed. A module without decoder blocks is compiled whole.
+    """
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        model.compile(**compile_kwargs)
+        return model
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return model

@@ -1,0 +1,292 @@
+"""Fused-kernel switches (models/kernels.py): every fast path and fallback agrees with the reference path.
+
+On CPU the Liger Kernel paths are skipped with a reason (they are Triton GPU kernels) and the switches are
+checked to fall back with one log line each; the chunked cross-entropy and compile-per-block run everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import kernels
+from models.kernels import (
+    Kernels,
+    chunked_linear_cross_entropy,
+    compile_model,
+    default_chunk_size,
+    liger_unavailable_reason,
+    select_kernels,
+)
+from models.llama import REFERENCE_KERNELS, Llama, ModelConfig, linear_cross_entropy, shift_labels
+from training.config import OptimConfig
+from training.optim import build_optimizer
+
+SWITCHES = {"fused_norm": True, "fused_rope": True, "fused_swiglu": True, "fused_cross_entropy": "liger"}
+LIGER_SKIP = liger_unavailable_reason()
+needs_liger = pytest.mark.skipif(LIGER_SKIP is not None, reason=f"Liger Kernel paths: {LIGER_SKIP}")
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=211, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    return ModelConfig(**{**base, "stable_embedding": True, "tie_embeddings": True, **overrides})
+
+
+def twin(config: ModelConfig, **switches) -> tuple[Llama, Llama]:
+    """A model and a copy with the same weights but other switches."""
+    torch.manual_seed(0)
+    reference = Llama(config)
+    fast = Llama(ModelConfig.from_dict({**config.to_dict(), **switches}))
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def loss_and_grads(model: Llama, ids: torch.Tensor, labels: torch.Tensor, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=labels, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same_training_signal(a: Llama, b: Llama, *, atol: float = 1e-5, **kwargs) -> None:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, a.config.vocab_size, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+    loss_a, grads_a = loss_and_grads(a, ids, labels, **kwargs)
+    loss_b, grads_b = loss_and_grads(b, ids, labels, **kwargs)
+    torch.testing.assert_close(loss_b, loss_a, atol=atol, rtol=atol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=atol, rtol=1e-4, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked linear + cross-entropy (pure PyTorch)
+# --------------------------------------------------------------------------------------------------
+
+
+def random_problem(n_tokens=53, dim=16, vocab=101, seed=0, ignore=7):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_tokens, dim, generator=g, requires_grad=True)
+    weight = (torch.randn(vocab, dim, generator=g) / 4).requires_grad_()
+    targets = torch.randint(0, vocab, (n_tokens,), generator=g)
+    targets[torch.randperm(n_tokens, generator=g)[:ignore]] = -100
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 53, 1000])
+def test_chunked_cross_entropy_matches_plain_loss_and_gradients(chunk_size):
+    hidden, weight, targets = random_problem()
+    want = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100)
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    got, logits = chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    assert logits is None  # never materialised
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_cross_entropy_uniform_logits_is_log_vocab():
+    """Zero weights give uniform logits: loss = log(V) exactly, and d loss/d hidden = 0."""
+    vocab = 97
+    hidden = torch.randn(40, 8, requires_grad=True)
+    weight = torch.zeros(vocab, 8, requires_grad=True)
+    targets = torch.randint(0, vocab, (40,))
+    targets[:3] = -100
+    loss, _ = chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=9)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(vocab), rel=1e-6)
+    assert hidden.grad.abs().max() == 0
+    # d loss/d W[v] = mean over valid tokens of (1/V - [target == v]) * hidden.
+    valid = targets != -100
+    onehot = F.one_hot(targets[valid], vocab).float()
+    want = (1 / vocab - onehot).t() @ hidden.detach()[valid] / valid.sum()
+    torch.testing.assert_close(weight.grad, want, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_cross_entropy_scales_with_upstream_gradient_and_without_grad():
+    hidden, weight, targets = random_problem(seed=3)
+    (3.0 * chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=5)[0]).backward()
+    scaled = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=5)[0].backward()
+    torch.testing.assert_close(scaled[0], 3 * hidden.grad)
+    torch.testing.assert_close(scaled[1], 3 * weight.grad)
+    with torch.no_grad():  # validation: the loss alone
+        no_grad = chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=5)[0]
+    torch.testing.assert_close(no_grad, F.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100))
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_matches_plain_autocast():
+    hidden, weight, targets = random_problem(n_tokens=64, dim=32, vocab=300, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = linear_cross_entropy(hidden, weight, targets)
+        got, _ = chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=16)
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-2)  # bf16 matmuls, other summation order
+
+
+def test_default_chunk_size_bounds_transient_logits():
+    # 1b preset, 8 x 2048 tokens, 32k vocab: chunks of 1024 tokens (logits of one chunk ~ the hidden states).
+    assert default_chunk_size(16384, 2048, 32000) == 1024
+    assert default_chunk_size(10, 2048, 32000) == 10  # never more than the tokens there are
+    assert default_chunk_size(100_000, 4096, 100_000) >= 256
+
+
+# --------------------------------------------------------------------------------------------------
+# The model with its switches
+# --------------------------------------------------------------------------------------------------
+
+
+def test_model_with_chunked_cross_entropy_trains_like_the_plain_model():
+    reference, chunked = twin(tiny(), fused_cross_entropy="chunked")
+    assert chunked.kernels.names == {"fused_cross_entropy": "chunked"}
+    assert_same_training_signal(reference, chunked)
+    assert chunked(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).logits is None
+    # Without labels (generation) the logits are there as always.
+    torch.testing.assert_close(
+        chunked(torch.tensor([[1, 2, 3]])).logits, reference(torch.tensor([[1, 2, 3]])).logits
+    )
+
+
+def test_model_with_chunked_cross_entropy_and_document_masking():
+    reference, chunked = twin(tiny(), fused_cross_entropy="chunked")
+    position_ids = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)
+    assert_same_training_signal(reference, chunked, position_ids=position_ids)
+
+
+def test_switches_fall_back_on_cpu_with_one_log_line_each(caplog, monkeypatch):
+    if LIGER_SKIP is None:
+        pytest.skip("Liger Kernel can run here: nothing falls back")
+    monkeypatch.setattr(kernels, "_logged_fallbacks", set())
+    with caplog.at_level(logging.WARNING, logger="models.kernels"):
+        reference, fast = twin(tiny(), **SWITCHES)
+        Llama(fast.config)  # a second model in the same process logs nothing new
+    lines = [r.getMessage() for r in caplog.records if r.name == "models.kernels"]
+    assert len(lines) == 4, lines
+    for switch, line in zip(SWITCHES, lines):
+        assert line.startswith(f"{switch}: ") and LIGER_SKIP in line
+    assert "chunked" in lines[-1]  # liger cross-entropy falls back to the chunked one, not to full logits
+    assert fast.kernels.names == {
+        "fused_norm": "torch",
+        "fused_rope": "torch",
+        "fused_swiglu": "torch",
+        "fused_cross_entropy": "chunked",
+    }
+    assert_same_training_signal(reference, fast)
+
+
+def test_fast_kernels_run_only_on_cuda_tensors():
+    calls = []
+
+    def fast(x, *args):
+        calls.append("fast")
+        return x
+
+    def reference(x, *args):
+        calls.append("reference")
+        return x
+
+    kernels._cuda_or(fast, reference)(torch.zeros(2), 1.0)
+    assert calls == ["reference"]  # a GPU-trained model used on the CPU (export, chat) takes PyTorch
+
+
+def test_unknown_cross_entropy_is_a_config_error():
+    with pytest.raises(ValueError, match="fused_cross_entropy must be one of"):
+        tiny(fused_cross_entropy="fast")
+    config = tiny(fused_norm=True, fused_cross_entropy="chunked")
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_select_kernels_keeps_the_reference_when_nothing_is_switched_on():
+    chosen = select_kernels(tiny(), REFERENCE_KERNELS)
+    assert chosen == REFERENCE_KERNELS and isinstance(chosen, Kernels) and chosen.names == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# compile per block, fused AdamW
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compile_per_block_gives_the_eager_loss_and_gradients():
+    torch._dynamo.reset()
+    reference, compiled = twin(tiny(n_layers=2, activation_checkpointing=True), fused_cross_entropy="chunked")
+    names = list(compiled.state_dict())
+    compile_model(compiled)
+    assert list(compiled.state_dict()) == names  # in place: checkpoints keep their names
+    assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
+    reference.train(), compiled.train()
+    assert_same_training_signal(reference, compiled, atol=1e-4)
+
+
+def test_compile_model_without_blocks_compiles_the_whole_module():
+    module = torch.nn.Linear(3, 3)
+    compile_model(module, backend="eager")
+    assert module._compiled_call_impl is not None
+    torch.testing.assert_close(
+        module(torch.ones(1, 3)), F.linear(torch.ones(1, 3), module.weight, module.bias)
+    )
+
+
+def test_fused_adamw_is_chosen_for_the_training_device():
+    model = Llama(tiny())  # still on the CPU, as when the loop builds the optimizer before prepare()
+    assert build_optimizer(model, OptimConfig(), device=torch.device("cuda")).defaults["fused"] is True
+    assert build_optimizer(model, OptimConfig(), device=torch.device("cpu")).defaults["fused"] is None
+    assert build_optimizer(model, OptimConfig(fused=True), device=torch.device("cpu")).defaults["fused"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Liger Kernel on a GPU
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_liger
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_liger_switch_agrees_with_reference_fp32(switch):
+    reference, fast = twin(tiny(), **{switch: SWITCHES[switch]})
+    assert fast.kernels.names == {switch: "liger"}
+    reference.cuda(), fast.cuda()
+    assert_same_training_signal(reference, fast, atol=1e-4)
+
+
+@needs_liger
+def test_all_liger_switches_agree_with_reference_under_bf16_autocast():
+    reference, fast = twin(tiny(), **SWITCHES)
+    reference.cuda(), fast.cuda()
+    ids = torch.randint(0, 211, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = reference(ids, labels=ids).loss
+        got = fast(ids, labels=ids).loss
+    want.backward(), got.backward()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=5e-3, rtol=5e-2, msg=name)
+
+
+@needs_liger
+def test_liger_rotary_matches_reference_layout():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 16, 32, device="cuda", generator=g)
+    k = torch.randn(2, 2, 16, 32, device="cuda", generator=g)
+    angle = torch.arange(16, device="cuda")[:, None] * torch.rand(16, device="cuda", generator=g)
+    emb = torch.cat((angle, angle), dim=-1).expand(2, 16, 32)
+    want = REFERENCE_KERNELS.rotary(q.clone(), k.clone(), emb.cos(), emb.sin())
+    fast = select_kernels(tiny(fused_rope=True), REFERENCE_KERNELS)
+    got = fast.rotary(q.clone(), k.clone(), emb.cos(), emb.sin())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_shift_labels_drops_the_first_label_and_ignores_the_last_position():
+    assert shift_labels(torch.tensor([[5, 6, 7]])).tolist() == [[6, 7, -100]]

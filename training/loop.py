@@ -28,6 +28,7 @@ import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 from torch import nn
 
+from models.kernels import compile_model
 from training.checkpoint import Checkpointer
 from training.config import LoggingConfig, OptimConfig, TrainConfig, config_to_dict, save_config
 from training.distributed import configure_deepspeed
@@ -104,8 +105,8 @@ def train(
     configure_deepspeed(acc, tc, oc, micro_batch_size=first_batch["input_ids"].shape[0])
 
     if tc.compile:
-        model.compile()  # in place: parameter names (and so checkpoints) stay unprefixed
-    optimizer = build_optimizer(model, oc)
+        compile_model(model)  # per decoder block, in place: parameter names (and checkpoints) stay unprefixed
+    optimizer = build_optimizer(model, oc, device=acc.device)
     scheduler = build_scheduler(optimizer, oc, tc.max_steps)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
 

@@ -32,10 +32,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused CUDA kernel when every parameter is on a GPU."""
+def build_optimizer(
+    model: nn.Module, config: OptimConfig, device: torch.device | None = None
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused CUDA kernel when the parameters train on a GPU.
+
+    `device` is where they will train: the loop builds the optimizer before accelerate's `prepare` moves
+    the model there (without it, where the parameters are now decides).
+    """
     groups = param_groups(model, config.weight_decay)
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    if device is not None:
+        on_cuda = device.type == "cuda"
+    else:
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     fused = on_cuda if config.fused is None else config.fused
     return torch.optim.AdamW(
         groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused or None

@@ -1,0 +1,139 @@
+"""Training speed and peak memory of the `demo` preset: our Llama against transformers' LlamaForCausalLM.
+
+Both models are trained by the same shared loop (training/loop.py) with the run config of
+configs/pretrain/demo.yaml (model shape, micro-batch, sequence length, AdamW, schedule, precision) on the
+same batches (fixed random token ids: speed does not depend on the text). transformers' model uses its
+sdpa attention. Each run is a fresh subprocess, so its peak RSS is its own; ours and theirs alternate so
+that load from other jobs hits both alike; each run times a second window of steps after a warm-up window.
+
+    python bench/bench_train.py                    # demo preset, 2 threads, 3 rounds
+    python bench/bench_train.py --steps 20 --rounds 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `python bench/bench_train.py` from a fresh clone
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Train one model for 2 x args.steps steps in this fresh process; print one JSON line."""
+    import dataclasses
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from pretrain_llama import PretrainConfig
+    from training.config import parse_config
+    from training.distributed import build_accelerator
+    from training.loop import train
+
+    config = parse_config(PretrainConfig, ["--config", args.config])
+    # Identical math on both sides: transformers has no embedding LayerNorm (BLOOM's stable embedding).
+    config.model = dataclasses.replace(config.model, vocab_size=args.vocab_size, stable_embedding=False)
+    out = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    config.train = dataclasses.replace(
+        config.train,
+        output_dir=str(out),
+        max_steps=2 * args.steps,
+        checkpoint_every=0,
+        eval_every=0,
+        export_hf=False,
+        resume="",
+    )
+    config.logging = dataclasses.replace(
+        config.logging, log_every=args.steps, progress_bar=False, sample_every=0, plot=False
+    )
+    batch, seq = config.data.batch_size, config.data.seq_len
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            ids = torch.randint(0, args.vocab_size, (batch, seq), generator=g)
+            yield {"input_ids": ids, "labels": ids.clone()}
+
+    torch.manual_seed(config.train.seed)
+    if args.impl == "ours":
+        from models.llama import Llama
+
+        model = Llama(config.model)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from models.hf import hf_config_dict
+
+        hf = hf_config_dict(
+            config.model, tie_word_embeddings=config.model.tie_embeddings, dtype=torch.float32
+        )
+        model = LlamaForCausalLM(LlamaConfig(**hf, attn_implementation="sdpa"))
+    accelerator = build_accelerator(config.train)
+    train(model, batches(), config=config, accelerator=accelerator)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = records[-1]  # the second window: steps after the warm-up window
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # MiB (Linux reports KiB)
+    print(json.dumps({"impl": args.impl, "tokens_per_s": timed["tokens_per_s"], "peak_rss_mib": peak_rss}))
+
+
+def run_one(impl: str, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", impl, "--config", args.config, "--steps", str(args.steps),
+        "--threads", str(args.threads), "--vocab-size", str(args.vocab_size),
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{impl} run failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(REPO / "configs/pretrain/demo.yaml"), help="run config")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (after as many warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each model, alternating")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size (the demo tokenizer's)")
+    parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.impl = args.worker
+        worker(args)
+        return
+
+    runs: dict[str, list[dict]] = {"ours": [], "hf": []}
+    for _ in range(args.rounds):
+        for impl in ("ours", "hf"):
+            runs[impl].append(run_one(impl, args))
+    median = {
+        impl: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_rss_mib")}
+        for impl, rs in runs.items()
+    }
+    ours, hf = median["ours"], median["hf"]
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, {args.rounds} rounds"
+    )
+    print("| model | tokens/s (median) | peak RSS MiB (median) |")
+    print("|---|---:|---:|")
+    print(f"| ours (`models/llama.py`) | {ours['tokens_per_s']:,.0f} | {ours['peak_rss_mib']:,.0f} |")
+    print(f"| transformers LlamaForCausalLM (sdpa) | {hf['tokens_per_s']:,.0f} | {hf['peak_rss_mib']:,.0f} |")
+    print(
+        f"speed ratio ours/transformers: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x; "
+        f"memory ratio: {ours['peak_rss_mib'] / hf['peak_rss_mib']:.2f}x"
+    )
+    print("per run:", json.dumps(runs))
+
+
+if __name__ == "__main__":
+    main()

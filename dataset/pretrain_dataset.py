@@ -380,15 +380,24 @@ class UnitFetcher:
             )
         return self._pool
 
-    def prefetch(self, requests: Iterable[UnitRequest], limit: int) -> None:
-        """Start tokenizing `requests` (most urgent first) while fewer than `limit` results are pending."""
+    def prefetch(self, requests: Sequence[UnitRequest]) -> None:
+        """Tokenize `requests` (most urgent first) ahead of need; forget pending units no longer wanted.
+
+        At most two units per worker are queued or running, so a unit that becomes urgent waits for
+        little more than one unit's work; finished units wait here until taken.
+        """
         if not self.num_workers:
             return
+        wanted = set(requests)
+        for request in [r for r in self._pending if r not in wanted]:
+            self._pending.pop(request).cancel()
+        busy = sum(not f.done() for f in self._pending.values())
         for request in requests:
-            if len(self._pending) >= limit:
+            if busy >= 2 * self.num_workers:
                 break
             if request not in self._pending:
                 self._pending[request] = self._executor().submit(_tokenize_in_worker, request)
+                busy += 1
 
     def get(self, request: UnitRequest) -> Unit:
         """The unit for `request`, waiting for (or starting) its tokenization."""
@@ -528,15 +537,25 @@ class GroupStream:
         return self._unit(epoch, part_index, position // unit_docs).document(position % unit_docs).copy()
 
     def upcoming(self) -> list[UnitRequest]:
-        """Units this stream will need soon, most urgent first (for prefetching)."""
+        """Units this stream will need soon, most urgent first: the unit of the next draw, the current
+        units of the other open parts, then their next units and the first unit of the next part."""
         unit_docs = self.config.unit_docs
+        opening = self.order[self.next_part : self.next_part + max(0, self.window - len(self.open))]
+        slots = [*self.open, *([p, 0] for p in opening)]
+        if not slots:
+            return []
+        first = mix_seed(self.config.seed, self._name_seed, self.epoch, self.draws) % len(slots)
         now, then = [], []
-        for part_index, consumed in self.open:
+        for part_index, consumed in [slots[first], *slots[:first], *slots[first + 1 :]]:
             unit_index = consumed // unit_docs
-            now.append(self.request(self.epoch, part_index, unit_index))
-            then.append(self.request(self.epoch, part_index, unit_index + 1))
-        if self.next_part < len(self.order):
-            then.append(self.request(self.epoch, self.order[self.next_part], 0))
+            unit = self._units.get((self.epoch, part_index, unit_index))
+            if unit is None:
+                now.append(self.request(self.epoch, part_index, unit_index))
+            if unit is None or unit.num_records == unit_docs:  # a shorter unit is the part's last
+                then.append(self.request(self.epoch, part_index, unit_index + 1))
+        after = self.next_part + len(opening)
+        if after < len(self.order):
+            then.append(self.request(self.epoch, self.order[after], 0))
         return now + then
 
     def next_document(self, *, finite: bool) -> Document | None:
@@ -671,12 +690,17 @@ class PackedStream:
             self.offset = int(current["offset"])
 
     def prefetch(self) -> None:
-        upcoming = [s.upcoming() for s in self.streams]
-        # Most urgent first across groups: every group's current units, then the ones after.
-        urgent = [r for group in upcoming for r in group[: len(group) // 2 or 1]]
-        later = [r for group in upcoming for r in group[len(group) // 2 or 1 :]]
-        limit = 2 * max(1, self.fetcher.num_workers) + sum(len(s.open) + 1 for s in self.streams)
-        self.fetcher.prefetch(urgent + later, limit)
+        """Tell the fetcher which units come next: the next group's first, then the groups in turn."""
+        lists = [s.upcoming() for s in self.streams]
+        if not self.validation and len(lists) > 1:
+            first = self._choose_group()
+            lists = [lists[first], *lists[:first], *lists[first + 1 :]]
+        longest = max(map(len, lists), default=0)
+        self.fetcher.prefetch([group[i] for i in range(longest) for group in lists if i < len(group)])
+
+    def _choose_group(self) -> int:
+        """The group furthest below its token share (ties: the first)."""
+        return min(range(len(self.streams)), key=lambda g: (self.group_tokens[g] / self.weights[g], g))
 
     def _next_document(self) -> bool:
         """Take the next document into `current`; False when a finite stream is over."""
@@ -693,8 +717,7 @@ class PackedStream:
             else:
                 return False
         else:
-            # The group furthest below its token share (ties: the first).
-            group = min(range(len(self.streams)), key=lambda g: (self.group_tokens[g] / self.weights[g], g))
+            group = self._choose_group()
             document = self.streams[group].next_document(finite=False)
             assert document is not None
         self.current, self.current_group, self.offset = document, group, 0

@@ -60,6 +60,7 @@ def resolve_model_config(model: ModelConfig, tokenizer: Tokenizer, seq_len: int)
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file saved is too chatty
     try:
         config = parse_config(
             PretrainConfig, argv, aliases={"resume": "train.resume"}, prog="pretrain_llama.py"

@@ -38,6 +38,16 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 KILL_DURING_SAVE_ENV = "OPEN_LLAMA_KILL_DURING_CHECKPOINT"
 
 
+class _TiedWeightsNotice(logging.Filter):
+    """Drop accelerate's warning that a tied head was saved once: expected for shared embeddings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or resumed from; the message says why and what to do."""
 
@@ -115,6 +125,7 @@ class Checkpointer:
             os.replace(tmp_dir, final_dir)
             _write_atomic(self.dir / LATEST, final_dir.name + "\n")
             self._prune()
+            log.info("saved checkpoint %s", final_dir)
         acc.wait_for_everyone()
         self.last_saved_step = step
         return final_dir

@@ -62,6 +62,7 @@ import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -406,7 +407,13 @@ class UnitFetcher:
             if not self.num_workers:
                 return tokenize_unit(request, self.tokenizer)
             future = self._executor().submit(_tokenize_in_worker, request)
-        return future.result()
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                f"a data worker process died (killed, or out of memory?) while tokenizing unit {request.index} "
+                f"of {request.part.path}; lower data.num_workers or data.unit_docs"
+            ) from exc
 
     def close(self) -> None:
         for future in self._pending.values():
@@ -534,7 +541,8 @@ class GroupStream:
         """The tokens of the document at `ref` (used to restore the document cut by a checkpoint)."""
         epoch, part_index, position = ref
         unit_docs = self.config.unit_docs
-        return self._unit(epoch, part_index, position // unit_docs).document(position % unit_docs).copy()
+        unit = self.fetcher.get(self.request(epoch, part_index, position // unit_docs))
+        return unit.document(position % unit_docs).copy()
 
     def upcoming(self) -> list[UnitRequest]:
         """Units this stream will need soon, most urgent first: the unit of the next draw, the current

@@ -171,6 +171,22 @@ def packed_mask(
     return PackedMask(cu_seqlens, seqlens, max(seqlens))
 
 
+def one_kernel_dtype(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in autocast's dtype when autocast is on, for kernels that autocast does not cast.
+
+    Under bf16 autocast the rotated q and k come out in float32 (the rotary cos/sin follow the float32
+    residual stream) while v is bf16; sdpa is cast by autocast itself, but xformers needs one dtype for all
+    three and flash-attn a 16-bit one.
+    """
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 class XformersBackend(AttentionBackend):
     """xformers.ops.memory_efficient_attention (optional GPU dependency)."""
 
@@ -193,6 +209,7 @@ class XformersBackend(AttentionBackend):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:
         if mask.fallback is not None:
             return SdpaBackend()(q, k, v, mask.fallback)
+        q, k, v = one_kernel_dtype(q, k, v)
         b, hq, t, d = q.shape
         hkv = k.shape[1]
         # xformers layout (B, T, G, H, D): kv heads as groups, the query heads of each group expanded over H.
@@ -232,6 +249,7 @@ class FlashAttnBackend(AttentionBackend):
         if mask.fallback is not None:
             return SdpaBackend()(q, k, v, mask.fallback)
         b, hq, t, d = q.shape
+        q, k, v = one_kernel_dtype(q, k, v)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # flash layout (B, T, H, D); GQA is native
         if mask.cu_seqlens is None:
             out = self.flash_attn.flash_attn_func(q, k, v, causal=True)

@@ -290,3 +290,13 @@ def test_liger_rotary_matches_reference_layout():
 
 def test_shift_labels_drops_the_first_label_and_ignores_the_last_position():
     assert shift_labels(torch.tensor([[5, 6, 7]])).tolist() == [[6, 7, -100]]
+
+
+def test_flash_and_xformers_backends_get_one_dtype_under_autocast():
+    """Under bf16 autocast the rotated q/k are float32 and v is bf16; the kernels autocast skips get one dtype."""
+    from models.attention import one_kernel_dtype
+
+    q, k, v = torch.ones(1, 2, 3, 4), torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4, dtype=torch.bfloat16)
+    assert {t.dtype for t in one_kernel_dtype(q, k, v)} == {torch.float32, torch.bfloat16}  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in one_kernel_dtype(q, k, v)} == {torch.bfloat16}

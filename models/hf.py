@@ -177,7 +177,8 @@ def export_hf(
         _save_sharded(tensors, tmp, max_shard_bytes)
         config = {**hf_config_dict(model.config, tie_word_embeddings=tied, dtype=disk_dtype), **special}
         _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", {**special, "max_length": model.config.max_seq_len})
+        # No max_length: it would override callers' max_new_tokens with a warning in transformers.
+        _write_json(tmp / "generation_config.json", special)
         _write_json(tmp / OUR_CONFIG, model.config.to_dict())
         if extra:
             save_file(extra, tmp / OUR_EXTRA, metadata={"format": "pt"})

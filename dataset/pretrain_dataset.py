@@ -333,7 +333,7 @@ def tokenize_unit(request: UnitRequest, tokenizer: TextTokenizer) -> Unit:
     """Read, shuffle and tokenize one unit: `<s>`? ids `</s>` per kept record."""
     texts = read_unit_texts(request)
     if request.permutation_seed is not None:
-        order = np.random.default_rng(request.permutation_seed).permutation(len(texts))
+        order = seeded_permutation(len(texts), request.permutation_seed)
         texts = [texts[i] for i in order]
     kept = [i for i, t in enumerate(texts) if t is not None]
     encoded = tokenizer.encode_batch([texts[i] for i in kept], bos=request.add_bos, eos=True) if kept else []
@@ -441,6 +441,16 @@ def mix_seed(*values: int) -> int:
     return h
 
 
+def seeded_permutation(n: int, *seed: int) -> list[int]:
+    """A permutation of range(n) from integer seeds (Fisher-Yates on `mix_seed`): the same on every
+    machine and library version, which exact resume relies on."""
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = mix_seed(*seed, i) % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
 def _name_seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
@@ -491,8 +501,7 @@ class GroupStream:
         n = len(self.group.parts)
         if not self.shuffle:
             return list(range(n))
-        rng = np.random.default_rng([self.config.seed, self._name_seed, epoch, self.rank])
-        return [int(i) for i in rng.permutation(n)]
+        return seeded_permutation(n, self.config.seed, self._name_seed, epoch, self.rank)
 
     # The state: plain ints, JSON-serialisable.
     def state_dict(self) -> dict[str, Any]:

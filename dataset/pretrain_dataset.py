@@ -890,6 +890,12 @@ class PretrainDataLoader:
     def _iter_validation(self) -> Iterator[dict[str, torch.Tensor]]:
         """The held-out batches from the start (the same ones every time); with `max_batches`, exactly
         that many, starting over if the held-out set is shorter, so every rank runs the same number."""
+        try:
+            yield from self._held_out_batches()
+        finally:
+            self.fetcher.close()  # validation is occasional: free the workers until the next round
+
+    def _held_out_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         yielded = 0
         while self.max_batches is None or yielded < self.max_batches:
             self.stream.reset()

@@ -195,6 +195,8 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
     """True when this rank's parameters (its ZeRO-3 shard, if partitioned) hold no NaN or inf."""
     for param in model.parameters():
         local = getattr(param, "ds_tensor", param)  # DeepSpeed ZeRO-3 keeps the real data in ds_tensor
+        if hasattr(local, "to_local"):  # an FSDP2 DTensor: check this rank's shard, no communication
+            local = local.to_local()
         if local.numel() and not torch.isfinite(local.detach()).all():
             return False
     return True

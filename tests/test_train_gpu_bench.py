@@ -1,0 +1,116 @@
+"""bench/train_gpu.py works without a GPU: its CPU smoke run gives a row for every configuration, and a
+missing optional library marks a row skipped instead of failing the run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "train_gpu.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("train_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpu"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        check=False,
+    )
+
+
+def test_cpu_smoke_run_has_a_row_for_every_configuration(tmp_path):
+    done = run_script("--cpu-smoke", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "train_gpu.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == [c.name for c in bench.CONFIGS]
+    for name, row in rows.items():
+        assert row["preset"] == "tiny" and row["batch_size"] == 2 and row["seq_len"] == 128
+        if name in ("flash_attn", "xformers"):  # attention kernels with no CPU path
+            assert row["status"] == "skipped" and "needs a CUDA GPU" in row["reason"]
+            continue
+        assert row["status"] == "ok", row
+        assert row["tokens_per_s"] > 0 and row["loss_first"] > 0
+        assert row["speed_vs_baseline"] == pytest.approx(row["tokens_per_s"] / rows["hf"]["tokens_per_s"])
+        assert row["mfu_measured_peak"] > 0 and row["mfu_datasheet"] is None  # no datasheet peak for a CPU
+    # The Liger rows ran their PyTorch fallbacks (Liger is GPU only) and say so.
+    assert "fell back" in rows["all"]["notes"] and rows["all"]["kernels"]["fused_cross_entropy"] == "chunked"
+    assert rows["chunked_ce"]["kernels"] == {"fused_cross_entropy": "chunked"}
+    # Same seed, same weights: every switch's path starts from the plain model's loss and stays with it.
+    for row in rows.values():
+        if row["status"] == "ok" and row["config"] != "hf":
+            assert row["loss_first"] == pytest.approx(rows["ours"]["loss_first"], abs=1e-4), row["config"]
+            assert row["loss_last"] == pytest.approx(rows["ours"]["loss_last"], abs=1e-2), row["config"]
+    # The baseline (normal init, no stable embedding) starts near the uniform loss log(512) = 6.24.
+    assert abs(rows["hf"]["loss_first"] - 6.238) < 0.5
+    table = (tmp_path / "train_gpu.md").read_text()
+    for name in rows:
+        assert f"| tiny | {name} |" in table
+    assert table in done.stdout
+
+
+@pytest.mark.slow
+def test_subprocess_isolation_and_append(tmp_path):
+    first = run_script("--cpu-smoke", "--only", "hf,ours", "--out", str(tmp_path), "--isolate")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_script(
+        "--cpu-smoke", "--only", "chunked_ce", "--out", str(tmp_path), "--append", "--isolate"
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = json.loads((tmp_path / "train_gpu.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["hf", "ours", "chunked_ce"]
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[2]["speed_vs_baseline"] is not None  # ratios span calls
+
+
+def test_missing_optional_library_marks_the_row_skipped(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        bench.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a),
+    )
+    result = bench.run_one(
+        bench.CONFIG_BY_NAME["fused_norm"],
+        preset="tiny",
+        vocab_size=64,
+        batch_size=1,
+        seq_len=16,
+        warmup=0,
+        steps=1,
+        device="cpu",
+        smoke=False,
+        compile_backend="eager",
+    )
+    assert result == {
+        "status": "skipped",
+        "reason": "liger-kernel not installed (pip install -r requirements-gpu.txt)",
+    }
+
+
+def test_bad_arguments_are_reported(tmp_path, capsys):
+    assert bench.main(["--cpu-smoke", "--only", "hf,warp", "--out", str(tmp_path)]) == 2
+    assert "unknown configuration(s) ['warp']" in capsys.readouterr().err
+    assert bench.main(["--cpu-smoke", "--presets", "13b", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit, match="PRESET=N"):
+        bench.main(["--cpu-smoke", "--batch-size", "1b", "--out", str(tmp_path)])

@@ -316,6 +316,10 @@ def test_loss_falls_on_real_text_and_the_run_is_complete(reference_run):
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [30, 60] and val[1]["val_loss"] < val[0]["val_loss"]
     assert val[1]["val_ppl"] == pytest.approx(math.exp(val[1]["val_loss"]))
+    # Tokens per source (the training data category distribution): every row's tokens counted once.
+    per_source = records[-1]["tokens_per_source"]
+    assert sum(per_source.values()) == records[-1]["tokens_seen"] == 60 * 8 * 64
+    assert all(n > 0 for n in per_source.values()), per_source
     # The saved config rebuilds the model, and the Hugging Face export matches the last checkpoint.
     from pretrain_llama import PretrainConfig
 

@@ -208,6 +208,8 @@ def train(
                 "tokens_seen": state["tokens_seen"],
                 "nonfinite_steps": state["nonfinite_steps"],
             }
+            if hasattr(train_data, "tokens_per_source"):  # Open-Llama's training data category distribution
+                record["tokens_per_source"] = _sum_over_ranks(acc, train_data.tokens_per_source)
             window_start, window_tokens = time.perf_counter(), 0
         if validator.should_run(step, final=final):
             record.update(validator.run(model, loss_fn, count_fn, acc))
@@ -300,6 +302,14 @@ def _clip(model: nn.Module, acc: Accelerator, max_norm: float) -> float | None:
     if norm is None:
         return None
     return float(norm)
+
+
+def _sum_over_ranks(acc: Accelerator, counts: dict[str, int]) -> dict[str, int]:
+    """Per-source token counts of the whole world (each rank counts only the rows it read)."""
+    names = sorted(counts)
+    local = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=acc.device)
+    total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+    return {n: int(v) for n, v in zip(names, total.tolist())}
 
 
 def _bar_figures(record: dict[str, Any]) -> dict[str, str]:

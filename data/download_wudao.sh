@@ -6,10 +6,14 @@
 #   SHARD_WORKERS  sharder processes (default: number of CPUs)
 # Interrupted? Run the same command again: the download resumes and sharding continues.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
+# Paths given by the user are relative to where they ran the script; the commands run from the repository.
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-OUT_DIR="${1:-corpus/wudao}"
+OUT_DIR="$(abspath "${1:-corpus/wudao}")"
 SOURCE="${2:-${WUDAO_SOURCE:-}}"
+case "$SOURCE" in ""|http://*|https://*) ;; *) SOURCE="$(abspath "$SOURCE")" ;; esac
+cd "$(dirname "$0")/.."
 WORKERS="${SHARD_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
 
 if [ -z "$SOURCE" ]; then

@@ -470,9 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 2048; smoke 128)")
     parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default 32000; smoke 512)")
     parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed steps, compile included (default 8)"
+        "--warmup", type=int, default=None, help="untimed steps, compile included (default 5; smoke 1)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 25; smoke 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 3)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration subprocess")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     parser.add_argument(
@@ -509,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = parse_batch_sizes(args.batch_size)
     seq_len = args.seq_len or (128 if smoke else 2048)
     vocab_size = args.vocab_size or (512 if smoke else 32000)
-    warmup = args.warmup if args.warmup is not None else (1 if smoke else 8)
-    steps = args.steps or (3 if smoke else 25)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 5)
+    steps = args.steps or (3 if smoke else 20)
     compile_backend = args.compile_backend or ("aot_eager" if smoke else "inductor")
     isolate = (not smoke) if args.isolate is None else args.isolate
     from models.llama import PRESETS

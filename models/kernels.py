@@ -113,35 +113,42 @@ def _cuda_or(fast: Callable[..., Any], reference: Callable[..., Any]) -> Callabl
 
 def select_kernels(config: KernelSwitches, reference: Kernels) -> Kernels:
     """`reference` with every operation switched on in `config` replaced by its fast version."""
-    wanted = {
-        "fused_norm": config.fused_norm,
-        "fused_rope": config.fused_rope,
-        "fused_swiglu": config.fused_swiglu,
-        "fused_cross_entropy": config.fused_cross_entropy == "liger",
+    # Where Liger cannot run, an operation keeps its PyTorch version: the model's reference, except the
+    # loss, which falls back to the chunked cross-entropy so that the memory saving stays.
+    fallbacks = {
+        "rms_norm": (reference.rms_norm, "torch", "torch F.rms_norm"),
+        "rotary": (reference.rotary, "torch", "the PyTorch rotary embedding"),
+        "swiglu": (reference.swiglu, "torch", "torch F.silu(gate) * up"),
+        "linear_cross_entropy": (
+            chunked_linear_cross_entropy,
+            "chunked",
+            "the chunked PyTorch cross-entropy",
+        ),
     }
-    liger_reason = liger_unavailable_reason() if any(wanted.values()) else None
+    wanted = {
+        ("fused_norm", "rms_norm"): config.fused_norm,
+        ("fused_rope", "rotary"): config.fused_rope,
+        ("fused_swiglu", "swiglu"): config.fused_swiglu,
+        ("fused_cross_entropy", "linear_cross_entropy"): config.fused_cross_entropy == "liger",
+    }
     chosen: dict[str, Any] = {}
     names: dict[str, str] = {}
     if config.fused_cross_entropy == "chunked":
         chosen["linear_cross_entropy"], names["fused_cross_entropy"] = chunked_linear_cross_entropy, "chunked"
-    for switch, field, reference_name in (
-        ("fused_norm", "rms_norm", "torch F.rms_norm"),
-        ("fused_rope", "rotary", "the PyTorch rotary embedding"),
-        ("fused_swiglu", "swiglu", "torch F.silu(gate) * up"),
-        ("fused_cross_entropy", "linear_cross_entropy", "the chunked PyTorch cross-entropy"),
-    ):
-        if not wanted[switch]:
+    liger_reason = liger_unavailable_reason() if any(wanted.values()) else None
+    for (switch, field), on in wanted.items():
+        if not on:
             continue
-        if liger_reason is not None:
-            _fallback(switch, liger_reason, reference_name)
-            if switch == "fused_cross_entropy":
-                chosen[field], names[switch] = chunked_linear_cross_entropy, "chunked"
-            else:
-                names[switch] = "torch"
-            continue
-        slow = chunked_linear_cross_entropy if switch == "fused_cross_entropy" else getattr(reference, field)
-        chosen[field] = _cuda_or(_LIGER_BUILDERS[field](), slow)
-        names[switch] = "liger"
+        slow, slow_name, slow_description = fallbacks[field]
+        reason = liger_reason
+        if reason is None:
+            try:
+                chosen[field], names[switch] = _cuda_or(_LIGER_BUILDERS[field](), slow), "liger"
+                continue
+            except ImportError as e:  # an older or partial liger-kernel without this operation
+                reason = f"liger-kernel has no usable kernel for it ({e})"
+        _fallback(switch, reason, slow_description)
+        chosen[field], names[switch] = slow, slow_name
     return dataclasses.replace(reference, names=names, **chosen)
 
 

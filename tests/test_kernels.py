@@ -186,6 +186,53 @@ def test_switches_fall_back_on_cpu_with_one_log_line_each(caplog, monkeypatch):
     assert_same_training_signal(reference, fast)
 
 
+def test_fast_kernels_are_wired_into_every_call_site(monkeypatch):
+    """With Liger 'available' (stand-ins that count calls and compute the reference), each fast kernel is
+    called where the model normalises, rotates, gates and computes the loss, and training is unchanged."""
+    calls: dict[str, int] = {}
+
+    def counting(field, compute):
+        def builder():
+            def fast(*args):
+                calls[field] = calls.get(field, 0) + 1
+                return compute(*args)
+
+            return fast
+
+        return builder
+
+    stand_ins = {
+        field: counting(field, getattr(REFERENCE_KERNELS, field))
+        for field in ("rms_norm", "rotary", "swiglu")
+    }
+    stand_ins["linear_cross_entropy"] = counting("linear_cross_entropy", chunked_linear_cross_entropy)
+    monkeypatch.setattr(kernels, "liger_unavailable_reason", lambda: None)
+    monkeypatch.setattr(kernels, "_LIGER_BUILDERS", stand_ins)
+    monkeypatch.setattr(kernels, "_cuda_or", lambda fast, reference: fast)
+    reference, fast = twin(tiny(n_layers=3), **SWITCHES)
+    assert set(fast.kernels.names.values()) == {"liger"}
+    assert_same_training_signal(reference, fast)
+    # One forward: 2 norms per block + the final norm, one rotary and one SwiGLU per block, one loss.
+    assert calls == {"rms_norm": 2 * 3 + 1, "rotary": 3, "swiglu": 3, "linear_cross_entropy": 1}
+
+
+def test_a_liger_without_one_kernel_falls_back_for_that_switch_only(monkeypatch, caplog):
+    def missing():
+        raise ImportError("cannot import name 'LigerSiLUMulFunction'")
+
+    monkeypatch.setattr(kernels, "_logged_fallbacks", set())
+    monkeypatch.setattr(kernels, "liger_unavailable_reason", lambda: None)
+    monkeypatch.setattr(kernels, "_LIGER_BUILDERS", {**kernels._LIGER_BUILDERS, "swiglu": missing})
+    monkeypatch.setattr(kernels, "_cuda_or", lambda fast, reference: reference)
+    with caplog.at_level(logging.WARNING, logger="models.kernels"):
+        chosen = select_kernels(tiny(fused_swiglu=True), REFERENCE_KERNELS)
+    assert chosen.names == {"fused_swiglu": "torch"} and chosen.swiglu is REFERENCE_KERNELS.swiglu
+    assert [r.getMessage() for r in caplog.records] == [
+        "fused_swiglu: liger-kernel has no usable kernel for it (cannot import name 'LigerSiLUMulFunction'); "
+        "using torch F.silu(gate) * up instead"
+    ]
+
+
 def test_fast_kernels_run_only_on_cuda_tensors():
     calls = []
 

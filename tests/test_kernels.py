@@ -54,9 +54,11 @@ def loss_and_grads(model: Llama, ids: torch.Tensor, labels: torch.Tensor, **kwar
 
 def assert_same_training_signal(a: Llama, b: Llama, *, atol: float = 1e-5, **kwargs) -> None:
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, a.config.vocab_size, (2, 24), generator=g)
+    device = next(a.parameters()).device
+    ids = torch.randint(0, a.config.vocab_size, (2, 24), generator=g).to(device)
     labels = ids.clone()
     labels[0, :5] = -100  # a masked prompt
+    kwargs = {k: v.to(device) for k, v in kwargs.items()}
     loss_a, grads_a = loss_and_grads(a, ids, labels, **kwargs)
     loss_b, grads_b = loss_and_grads(b, ids, labels, **kwargs)
     torch.testing.assert_close(loss_b, loss_a, atol=atol, rtol=atol)

@@ -215,6 +215,11 @@ def expand_inputs(patterns: Iterable[str | Path]) -> list[Path]:
                     )
                 elif root.is_file():
                     matches.append(root)
+        if not matches and Path(pattern).is_dir():
+            raise ShardingError(
+                f"no data files in folder {pattern!r} (looked for {', '.join(sorted(DATA_SUFFIXES))}, "
+                "each optionally .zst/.gz/.bz2/.xz; name files explicitly to read other names)"
+            )
         if not matches:
             raise ShardingError(f"no input files match {pattern!r}")
         found += matches
@@ -284,6 +289,15 @@ def _work_name(index: int, shard: int) -> str:
     return f"{index:05d}-{shard:05d}"
 
 
+def _where(path: Path, file_format: str | None, number: int) -> str:
+    """'file:line' for line-based files, 'file: item N' / 'file: row N' for JSON arrays and parquet."""
+    if file_format == "json":
+        return f"{path}: item {number}"
+    if file_format == "parquet":
+        return f"{path}: row {number}"
+    return f"{path}:{number}"
+
+
 def _encode(text: str, meta: dict) -> tuple[bytes, bool]:
     try:
         return orjson.dumps({"text": text, "meta": meta}), False
@@ -325,6 +339,7 @@ def shard_one_input(task: _Task, progress: Callable[[int, int], None] | None = N
     last_unit = skip
     reported = [stats["records"], stats["bytes_in"]]
     last_report = time.monotonic()
+    first_missing: str | None = None
 
     def report() -> None:
         if progress is not None:
@@ -373,16 +388,17 @@ def shard_one_input(task: _Task, progress: Callable[[int, int], None] | None = N
             if progress is not None and time.monotonic() - last_report > 0.5:
                 report()
                 last_report = time.monotonic()
+            delta["records"] += 1
             if record.error is not None:
                 delta["malformed"] += 1
                 note(record.error)
                 continue
-            delta["records"] += 1
             try:
                 text, meta, kind = normalise(record.value, opts.text_field)
             except MissingField as exc:
                 delta["missing_text"] += 1
-                note(f"{task.path}:{record.line}: {exc}")
+                first_missing = first_missing or str(exc)
+                note(f"{_where(task.path, file_format, record.line)}: {exc}")
                 continue
             delta["invalid_utf8"] += record.invalid_utf8
             if not text or text.isspace():
@@ -426,6 +442,15 @@ def shard_one_input(task: _Task, progress: Callable[[int, int], None] | None = N
         stats[key] += delta[key]
     examples.extend(delta_examples)
     report()
+    usable = stats["records"] - stats["malformed"]
+    if state["status"] == "ok" and usable and stats["missing_text"] == usable:
+        # Every record lacks the field: a wrong --text-field or --format, not a few bad records. (Such an
+        # input finishes no shard, so a resumed run reads it from the start and sets first_missing.)
+        state["status"] = "error"
+        state["error"] = (
+            f"{task.path}: none of its {usable:,} records has the text field (first: {first_missing}); "
+            "name the field with --text-field or the corpus with --format"
+        )
     state.update(source=source or derive_source("generic", task.path), shards=shard_index, stats=stats)
     state["examples"] = examples[:MAX_EXAMPLES]
     _write_atomic(done_path, orjson.dumps(state))
@@ -607,13 +632,20 @@ def shard_inputs(
         fmt, source, lines_per_shard, dedup, min_chars, max_chars, text_field, text_unit, strict
     )
     options.validate()
+    if workers < 1:
+        raise ShardingError("--workers must be at least 1")
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ShardingError(f"--output-dir {output_dir} is a file, not a folder")
     paths = expand_inputs([inputs] if isinstance(inputs, str | Path) else inputs)
     # An input folder may contain the output folder (e.g. a rerun): never read our own shards back.
     paths = [p for p in paths if not p.is_relative_to(output_dir.resolve())]
     if not paths:
         raise ShardingError(f"no input files outside the output folder {output_dir}")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShardingError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from exc
     state_dir = output_dir / STATE_DIR
     config = _config(paths, options)
 

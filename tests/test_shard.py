@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from data.shard import LINES_PER_SHARD, shard_inputs
+from data.shard import DROP_REASONS, LINES_PER_SHARD, shard_inputs
 from data.shard_io import ShardError, iter_shard_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -226,7 +226,9 @@ def test_malformed_lines_and_missing_fields(tmp_path):
     )
     summary = shard_inputs([src], tmp_path / "out")
     assert [d["text"] for d in read_docs(tmp_path / "out")] == ["good", "end"]
-    assert summary.totals["malformed"] == 2 and summary.totals["missing_text"] == 2
+    t = summary.totals
+    assert (t["records"], t["malformed"], t["missing_text"], t["documents"]) == (6, 2, 2, 2)
+    assert t["records"] - t["documents"] == sum(t[reason] for reason in DROP_REASONS)  # every drop counted
     examples = summary.manifest["inputs"][0]["examples"]
     assert examples[0].startswith(f"{src}:2: malformed JSON")
     assert examples[1].startswith(f"{src}:3: expected a JSON object")
@@ -292,6 +294,87 @@ def test_cli_fatal_errors_are_one_line(tmp_path):
         and "lines_per_shard" in other.stderr
         and len(other.stderr.strip().splitlines()) == 1
     )
+
+
+def test_cli_bad_arguments_are_one_line(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", pile_docs(3))
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "no_data").mkdir()
+    (tmp_path / "no_data" / "notes.md").write_text("not a data file")
+    cases = {
+        "is a file, not a folder": [str(src), "--output-dir", str(tmp_path / "a_file")],
+        "cannot create --output-dir": [str(src), "--output-dir", str(tmp_path / "a_file" / "sub")],
+        "no data files in folder": [str(tmp_path / "no_data"), "--output-dir", str(tmp_path / "o1")],
+        "--workers must be at least 1": [str(src), "--output-dir", str(tmp_path / "o2"), "--workers", "0"],
+    }
+    for message, args in cases.items():
+        result = run_cli(*args, "--no-progress")
+        assert result.returncode == 1, (message, result.stderr)
+        assert result.stderr.startswith("error: ") and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("kind", ["parquet", "json"])
+def test_input_without_the_text_field_fails_clearly(tmp_path, kind):
+    """A file none of whose records has the field (wrong --text-field) is a failed input, not 0 documents."""
+    rows = {"body": ["first", "second"], "n": [1, 2]}
+    if kind == "parquet":
+        src = tmp_path / "x.parquet"
+        pq.write_table(pa.table(rows), src)
+    else:
+        src = tmp_path / "x.json"
+        src.write_text(json.dumps([{"body": b, "n": n} for b, n in zip(rows["body"], rows["n"])]))
+    result = run_cli(str(src), "--output-dir", str(tmp_path / "out"), "--no-progress")
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    where = "row" if kind == "parquet" else "item"
+    assert f"{src}: {where} 1: no 'text' field (fields found: body, n)" in result.stderr
+    assert (
+        f"{src}: none of its 2 records has the text field" in result.stderr
+        and "--text-field" in result.stderr
+    )
+    fixed = run_cli(
+        str(src), "--output-dir", str(tmp_path / "fixed"), "--no-progress", "--text-field", "body"
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    assert [d["text"] for d in read_docs(tmp_path / "fixed")] == ["first", "second"]
+
+
+def _peak_rss_of_cli(*args: str) -> int:
+    """Peak RSS (bytes) of the sharder CLI run in a fresh interpreter (Linux VmHWM, read at its exit)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(REPO / 'data' / 'shard.py')!r}, *sys.argv[1:]]\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print(next(line for line in open('/proc/self/status') if line.startswith('VmHWM')).split()[1])"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for peak RSS")
+def test_memory_does_not_grow_with_input_size(tmp_path):
+    """A 5x larger JSON array (and jsonl) file leaves the sharder's peak memory where it was."""
+    doc = "word " * 400
+    sizes = {}
+    for n in (4_000, 20_000):  # ~8 MB and ~40 MB of JSON
+        array = tmp_path / f"a{n}.json"
+        with open(array, "w") as fh:
+            fh.write(
+                "["
+                + ",".join(json.dumps({"title": f"t{i}", "content": f"{i} {doc}"}) for i in range(n))
+                + "]"
+            )
+        lines = write_jsonl(tmp_path / f"l{n}.jsonl", [{"text": f"{i} {doc}"} for i in range(n)])
+        sizes[n] = [
+            _peak_rss_of_cli(
+                str(path), "--output-dir", str(tmp_path / f"out-{path.name}"), "--no-progress", "--no-dedup"
+            )
+            for path in (array, lines)
+        ]
+    growth = [large - small for small, large in zip(sizes[4_000], sizes[20_000])]
+    assert max(growth) < 12 << 20, (sizes, growth)  # the input grew by ~32 MB
 
 
 # --- resume, idempotence, determinism --------------------------------------------------------------

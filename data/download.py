@@ -108,7 +108,9 @@ def download(
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures = 0
-    best = -1  # the largest .part size seen: only growth beyond it resets the failure count
+    # The largest .part size seen: only growth beyond it resets the failure count, so a server that
+    # keeps failing gets exactly `retries` retries.
+    best = part.stat().st_size if part.exists() else 0
     total: int | None = None
     while True:
         offset = part.stat().st_size if part.exists() else 0

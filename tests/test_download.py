@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,16 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data.download import DownloadError, download, extract_json_files, main, prepare_wudao, read_checksums
+from data.download import (
+    PILE_BASE_URL,
+    DownloadError,
+    download,
+    extract_json_files,
+    main,
+    pile_urls,
+    prepare_wudao,
+    read_checksums,
+)
 from data.shard_io import iter_shard_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,6 +168,44 @@ def test_http_errors(server, tmp_path):
         download(f"{server.url}/broken", tmp_path / "b", retries=2, backoff=0)
     assert len(server.requests) == 1 + 3
     assert not (tmp_path / "b").exists()
+
+
+def test_retries_are_bounded_with_exponential_backoff(server, tmp_path, monkeypatch):
+    import data.download as download_module
+
+    waits: list[float] = []
+    monkeypatch.setattr(download_module.time, "sleep", waits.append)
+    server.files["/broken"] = PAYLOAD
+    server.modes["/broken"] = "fail"
+    with pytest.raises(DownloadError, match="3 retries"):
+        download(f"{server.url}/broken", tmp_path / "b", retries=3, backoff=0.5)
+    assert waits == [0.5, 1.0, 2.0] and len(server.requests) == 4
+
+    # A refused connection (nothing listening) is retried the same way, then reported.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    waits.clear()
+    with pytest.raises(DownloadError, match="gave up after 2 retries"):
+        download(f"http://127.0.0.1:{closed_port}/x", tmp_path / "x", retries=2, backoff=0.5)
+    assert waits == [0.5, 1.0]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()
+
+
+def test_pile_urls_default_mirror_and_overrides(monkeypatch):
+    monkeypatch.delenv("PILE_BASE_URL", raising=False)
+    monkeypatch.delenv("PILE_PARTS", raising=False)
+    urls = pile_urls()
+    assert (
+        len(urls) == 30 and urls[0] == PILE_BASE_URL + "00.jsonl.zst" and urls[-1].endswith("/29.jsonl.zst")
+    )
+    assert PILE_BASE_URL.startswith("https://")
+    monkeypatch.setenv("PILE_BASE_URL", "http://mirror.example/pile")
+    monkeypatch.setenv("PILE_PARTS", "03 17")
+    assert pile_urls() == [
+        "http://mirror.example/pile/03.jsonl.zst",
+        "http://mirror.example/pile/17.jsonl.zst",
+    ]
 
 
 def test_checksum_list_and_cli(server, tmp_path):

@@ -290,6 +290,7 @@ def train_tokenizer(
     output_dir = Path(output_dir)
     _check_replaceable(output_dir)
     paths = expand_shard_paths(input_patterns)
+    _check_writable(output_dir)
     started = time.perf_counter()
 
     sample = draw_sample(
@@ -382,6 +383,16 @@ def _check_replaceable(output_dir: Path) -> None:
         )
 
 
+def _check_writable(output_dir: Path) -> None:
+    """Fail in a second, not after hours of training, when the tokenizer folder cannot be written."""
+    probe = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    try:
+        probe.mkdir(parents=True, exist_ok=True)
+        probe.rmdir()
+    except OSError as exc:
+        raise OSError(f"cannot write --output-dir {output_dir}: {exc.strerror or exc}") from None
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Move the finished folder `new` to `target`, replacing an older tokenizer folder there."""
     if target.exists():
@@ -396,6 +407,15 @@ def _replace_dir(new: Path, target: Path) -> None:
 def format_summary(summary: dict, output_dir: Path) -> str:
     lines = [
         f"wrote {output_dir}: vocab {summary['vocab_size']:,}",
+        *(
+            [
+                f"  warning: the sample only supports {summary['vocab_size']:,} pieces of the "
+                f"{summary['vocab_size_requested']:,} asked for; train on more text (--sample-bytes, "
+                "or a larger corpus) or lower --vocab-size"
+            ]
+            if summary["vocab_size"] < summary["vocab_size_requested"]
+            else []
+        ),
         f"  sample: {summary['documents_sampled']:,} documents, {summary['bytes_sampled'] / 1e6:,.1f} MB "
         f"(of {summary['documents_read']:,} documents, {summary['bytes_read'] / 1e6:,.1f} MB in "
         f"{summary['files']} files{', ' + str(len(summary['bad_shards'])) + ' bad' if summary['bad_shards'] else ''})",
@@ -420,7 +440,9 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python dataset/train_tokenizer.py", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--input", nargs="+", required=True, help="shard files, globs or folders (*.jsonl.zst)"
     )
@@ -490,9 +512,12 @@ def main(argv: list[str] | None = None) -> int:
             verbose=args.verbose,
             log=None if args.quiet else log,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # OSError covers FileNotFoundError and FileExistsError
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written (run the same command again)", file=sys.stderr)
+        return 130
     return 0
 
 

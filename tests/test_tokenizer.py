@@ -396,6 +396,26 @@ def test_cli_bad_input_gives_clear_errors(synthetic_shards, tmp_path):
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert len(summary["bad_shards"]) == 2 and summary["files"] == 3
     assert "wrote" in result.stderr and "bytes/token" in result.stderr
+    assert "warning" not in result.stderr.replace("warning: skipping the rest of a bad shard", "")
+
+    # An output folder that cannot be written fails at once, in one line, before any training.
+    (tmp_path / "a_file").write_text("x")
+    result = _cli("--input", str(shards), "--vocab-size", "700", "--output-dir", str(tmp_path / "a_file/tok"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: cannot write --output-dir {tmp_path / 'a_file/tok'}: Not a directory"
+    ]
+    # A vocabulary larger than the text supports comes out smaller, and the summary says so.
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    write_shard(tiny / "part-t-0.jsonl.zst", [f"hello world number {i} and some text" for i in range(200)])
+    small = tmp_path / "small"
+    result = _cli(
+        "--input", str(tiny), "--vocab-size", "5000", "--output-dir", str(small), "--num-threads", "1"
+    )
+    assert result.returncode == 0, result.stderr
+    vocab = json.loads((small / SUMMARY_FILE).read_text())["vocab_size"]
+    assert vocab == Tokenizer.load(small).vocab_size < 5000
+    assert f"warning: the sample only supports {vocab:,} pieces of the 5,000 asked for" in result.stderr
 
 
 def _peak_rss_of_training(tmp_path: Path, n_copies: int, shard: Path) -> int:

@@ -21,8 +21,8 @@ How it stays deterministic, resumable and parallel:
 3. manifest.json is written (temp, then rename) and the state folder removed. A rerun of a finished
    job with the same inputs and options does nothing.
 
-Deduplication keeps a set of 16-byte hashes in memory, about 100 bytes per unique document (~1 GB
-per 10 million documents); `--no-dedup` makes memory independent of the corpus size.
+Deduplication keeps a set of 16-byte hashes in memory, about 130 bytes per unique document (~1.3 GB
+per 10 million documents, measured); `--no-dedup` makes memory independent of the corpus size.
 """
 
 from __future__ import annotations
@@ -746,7 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="stop at the first malformed record or bad file"
     )
     parser.add_argument(
-        "--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate documents"
+        "--no-dedup",
+        dest="dedup",
+        action="store_false",
+        help="keep exact duplicate documents (deduplication holds ~130 bytes of memory per unique document)",
     )
     parser.add_argument(
         "--min-chars", type=int, default=0, help="drop documents shorter than this (characters)"

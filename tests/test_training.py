@@ -273,8 +273,76 @@ def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
 
 def test_consecutive_nonfinite_losses_stop_the_run(tmp_path):
     config = tiny_run(tmp_path / "c", max_steps=10, debug_nan_steps=[2, 3, 4], max_nonfinite_steps=3)
-    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps with a non-finite loss \(steps 2-4\)"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"3 consecutive steps with a non-finite loss or gradient \(steps 2-4\)"
+    ):
         run_in_process(config)
+
+
+class _InfGradient(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss whose backward pass overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_nonfinite_gradient_behind_a_finite_loss_skips_the_step(tmp_path):
+    calls = 0
+
+    def overflowing_at_step_3(model, batch):
+        nonlocal calls
+        calls += 1
+        loss = model(**batch).loss
+        return _InfGradient.apply(loss) if calls == 3 else loss
+
+    _, clean_model = run_in_process(tiny_run(tmp_path / "a", max_steps=2))
+    config = tiny_run(tmp_path / "b", max_steps=3)
+    accelerator = build_accelerator(config.train)
+    torch.manual_seed(0)
+    model = Llama(config.model)
+    result = train(model, RowStream(), config=config, accelerator=accelerator, loss_fn=overflowing_at_step_3)
+    assert result.nonfinite_steps == 1
+    for (name, a), b in zip(clean_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name  # step 3 applied nothing (no NaN weights either)
+
+
+NETWORK_AUDIT = textwrap.dedent(
+    """
+    import runpy, socket, sys
+
+    def report_network(event, args):
+        if event == "socket.getaddrinfo" or (event == "socket.connect" and args[0].family != socket.AF_UNIX):
+            sys.stderr.write(f"NETWORK {event} {args[1:]!r}\\n")
+
+    sys.addaudithook(report_network)
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def test_wandb_offline_without_an_api_key_never_touches_the_network(real_data, tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "wandb_run"
+    config = run_config(
+        real_data, out, train={"max_steps": 3, "eval_every": 0}, logging={"wandb_project": "open-llama-test"}
+    )
+    script = tmp_path / "audit.py"
+    script.write_text(NETWORK_AUDIT)
+    environment = env(HOME=str(tmp_path / "home"))  # no ~/.netrc login
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        environment.pop(var, None)
+    cmd = [PYTHON, str(script), str(REPO / "pretrain_llama.py"), "--config", str(config)]
+    result = subprocess.run(cmd, cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NETWORK" not in result.stderr, [x for x in result.stderr.splitlines() if "NETWORK" in x]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the run is there, to `wandb sync` later
 
 
 def test_no_checkpoint_of_nonfinite_weights(tmp_path):

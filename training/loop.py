@@ -178,11 +178,11 @@ def train(
         else:
             state["nonfinite_steps"] += 1
             state["nonfinite_in_a_row"] += 1
-            metrics.message(f"step {step}: non-finite loss ({loss}); step skipped (no update)")
+            metrics.message(f"step {step}: non-finite loss or gradient; step skipped (no update)")
             if state["nonfinite_in_a_row"] >= tc.max_nonfinite_steps:
                 metrics.close()
                 raise NonFiniteLossError(
-                    f"stopping: {state['nonfinite_in_a_row']} consecutive steps with a non-finite loss "
+                    f"stopping: {state['nonfinite_in_a_row']} consecutive steps with a non-finite loss or gradient "
                     f"(steps {step - state['nonfinite_in_a_row'] + 1}-{step}); the last good checkpoint is "
                     f"{checkpointer.latest() or 'none'}. Lower optim.lr, check the data, or use bf16 instead of fp16."
                 )
@@ -249,6 +249,7 @@ def train_step(
 
     A non-finite loss on any rank skips the whole step on every rank (checked before each backward,
     so DeepSpeed, which steps inside backward, never applies it): grads are zeroed, weights untouched.
+    So does a non-finite gradient norm behind a finite loss (returned as a NaN loss).
     """
     counts = torch.stack([torch.as_tensor(count_fn(b)) for b in micro_batches]).to(acc.device, torch.float64)
     global_count = acc.reduce(counts.sum(), reduction="sum") if acc.num_processes > 1 else counts.sum()
@@ -268,6 +269,12 @@ def train_step(
             acc.backward(loss * (count * scale).to(loss.dtype))
             loss_sum += loss.detach().double() * count
     grad_norm = _clip(model, acc, oc.grad_clip)
+    if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+        # A finite loss can still overflow in the backward pass; applying those gradients would put
+        # NaN in every weight. (fp16's GradScaler skips such steps itself while it lowers its scale;
+        # DeepSpeed has already stepped inside backward.) Clipping sums over all ranks, so all agree.
+        _discard_gradients(model, optimizer, acc)
+        return float("nan"), grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     total = acc.reduce(loss_sum, reduction="sum") if acc.num_processes > 1 else loss_sum

@@ -165,18 +165,40 @@ def _start_wandb(config: LoggingConfig, output_dir: Path, run_config: dict[str, 
             "wandb_project is set but wandb is not installed (pip install wandb): not logging to wandb"
         )
         return None
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     try:
-        return wandb.init(
+        mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_has_api_key(wandb) else "offline")
+        # Bounded waits: a slow or unreachable server must not hold the run up for long.
+        settings = wandb.Settings(mode=mode, init_timeout=60)
+        # The process-wide settings, not only the run's: wandb's own telemetry reads them, and with the
+        # default (online) it would contact the server even for an offline run.
+        wandb.setup(settings=settings)
+        run = wandb.init(
             project=config.wandb_project,
             name=config.wandb_run_name or output_dir.name,
             dir=str(output_dir),
             config=run_config,
-            mode=os.environ.get("WANDB_MODE", mode),
+            settings=settings,
         )
     except Exception as exc:
         log.warning("wandb.init failed (%s): not logging to wandb", exc)
         return None
+    if mode == "offline":
+        log.info("wandb: offline run in %s (no API key); upload it later with `wandb sync`", output_dir)
+    return run
+
+
+def _wandb_has_api_key(wandb: Any) -> bool:
+    """Whether wandb can log in without asking: WANDB_API_KEY, or a `wandb login` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url).hostname
+        return bool(host and netrc.netrc().authenticators(host))
+    except Exception:  # no ~/.netrc, or one that does not parse: no key
+        return False
 
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:

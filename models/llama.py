@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import AttentionBackend, get_attention_backend
-from models.kernels import CROSS_ENTROPY_CHOICES, Kernels, select_kernels
+from models.kernels import CROSS_ENTROPY_CHOICES, Kernels, chunked_linear_cross_entropy, select_kernels
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -95,9 +95,11 @@ class ModelConfig:
     """Rotary embedding of q and k through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
     fused_swiglu: bool = False
     """SwiGLU's silu(gate) * up through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
-    fused_cross_entropy: str = "none"
+    fused_cross_entropy: str = "auto"
     """LM head + loss: none (full logits), chunked (PyTorch, any device) or liger (Liger's fused kernel on
-    CUDA, else chunked). chunked and liger never hold the full logits: with labels, forward returns none."""
+    CUDA, else chunked). chunked and liger never hold the full logits: with labels, forward returns none.
+    auto: chunked while the model is in training mode (a training step needs only the loss, and the chunked
+    loss is faster and smaller), full logits in eval mode (evaluation and generation see the logits)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation."""
 
@@ -489,6 +491,8 @@ class Llama(nn.Module):
         """Logits for every position (or the last `logits_to_keep`), and the loss when `labels` are given.
 
         labels: Hugging Face convention, same shape as input_ids, shifted here, -100 ignored, mean over tokens.
+            In training mode (and with fused_cross_entropy chunked/liger) the loss is computed chunk by chunk
+            and no logits are returned (`.logits` is None); call `.eval()` for the logits with the loss.
         position_ids: (B, T); where they restart at 0 a new document starts: rotary positions restart and
             attention never crosses documents (packed rows). Without them a row is one causal sequence.
         kv_cache: a KVCache; its positions come before input_ids and it is advanced by T.
@@ -521,7 +525,10 @@ class Llama(nn.Module):
             kv_cache.length += t
 
         if labels is not None:
-            loss, logits = self.kernels.linear_cross_entropy(x, self.lm_head.weight, shift_labels(labels))
+            lm_head_and_loss = self.kernels.linear_cross_entropy
+            if self.config.fused_cross_entropy == "auto" and self.training:
+                lm_head_and_loss = chunked_linear_cross_entropy
+            loss, logits = lm_head_and_loss(x, self.lm_head.weight, shift_labels(labels))
             return CausalLMOutput(loss=loss, logits=logits)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

@@ -130,6 +130,31 @@ def test_gradients_match_transformers():
         assert torch.allclose(p.grad, hf_params[name].grad, atol=1e-5), name
 
 
+def test_default_loss_is_chunked_in_training_and_full_logits_in_eval():
+    """fused_cross_entropy "auto": a training-mode call with labels skips the (tokens x vocab) logits, with
+    the loss and gradients of transformers' full-logits path (tied head: both gradients meet in one matrix)."""
+    torch.manual_seed(2)
+    model = Llama(tiny_config(tie_embeddings=True))
+    assert model.config.fused_cross_entropy == "auto"
+    hf = hf_twin(model).train()
+    ids = torch.randint(0, 211, (2, 24))
+    labels = ids.clone()
+    labels[1, :7] = -100
+    out = model.train()(ids, labels=labels)
+    assert out.logits is None
+    want = hf(ids, labels=labels).loss
+    assert out.loss.item() == pytest.approx(want.item(), abs=1e-5)
+    (2.5 * out.loss).backward()  # a scaled loss, as the training loop's token weighting does
+    (2.5 * want).backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, hf_params[name].grad, atol=1e-5), name
+    with torch.no_grad():
+        evaluated = model.eval()(ids, labels=labels)
+    assert evaluated.logits is not None and evaluated.logits.shape == (2, 24, 211)
+    assert evaluated.loss.item() == pytest.approx(want.item(), abs=1e-5)
+
+
 def test_stable_embedding_normalises_embedding_rows():
     torch.manual_seed(0)
     model = Llama(tiny_config(stable_embedding=True))

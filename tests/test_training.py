@@ -470,7 +470,11 @@ DRIVER = textwrap.dedent(
                 rows = {k: v[rank::world] for k, v in batch.items()}
                 for i in range(accum):
                     yield {k: v[i * micro_batch:(i + 1) * micro_batch] for k, v in rows.items()}
-    result = train(model, Split(), config=config, accelerator=accelerator)
+    # Unequal held-out shares (2 batches on rank 0, 1 elsewhere): validation forwards are collective
+    # under DDP, so every rank must evaluate the same number of batches or the run hangs.
+    config.train.eval_every = 5
+    val = [b for b, _ in zip(RowStream(), range(2 if rank == 0 else 1))]
+    result = train(model, Split(), config=config, accelerator=accelerator, val_data=val)
     if accelerator.is_main_process:
         print("LOSSES", json.dumps(result.losses), "WORLD", world)
     """

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 
@@ -26,23 +27,34 @@ class Validator:
         self, val_data: Iterable[dict[str, torch.Tensor]] | None, *, every: int, num_batches: int
     ) -> None:
         self.every = every
-        self.batches = (
-            list(itertools.islice(val_data, num_batches)) if val_data is not None and every > 0 else []
-        )
+        # Decided by the config alone, never by this rank's batches: validation is collective, and a rank
+        # whose share of the held-out data is empty must still join the others' reduction.
+        self.enabled = val_data is not None and every > 0
+        self.batches = list(itertools.islice(val_data, num_batches)) if self.enabled else []
 
     def should_run(self, step: int, *, final: bool = False) -> bool:
         """Due every `every` steps and at the end (when there is validation data)."""
-        return bool(self.batches) and (final or step % self.every == 0)
+        return self.enabled and (final or step % self.every == 0)
 
     @torch.no_grad()
     def run(
         self, model: nn.Module, loss_fn: LossFn, count_fn: CountFn, accelerator: Accelerator
     ) -> dict[str, float]:
-        """{'val_loss', 'val_ppl'} over all ranks' held-out batches."""
+        """{'val_loss', 'val_ppl'} over all ranks' held-out batches ({} when some rank has none).
+
+        Each rank evaluates as many batches as the rank with the fewest has.
+        """
+        batches = self.batches
+        if accelerator.num_processes > 1:
+            # Every rank must run the same number of forward passes (DDP, ZeRO-3 and FSDP forwards are
+            # collective, and a rank left waiting hangs the run), and held-out shares can differ by rank.
+            n = torch.tensor([len(batches)], device=accelerator.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            batches = batches[: int(n.item())]
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        for batch in self.batches:
+        for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 loss = loss_fn(model, batch)
@@ -51,7 +63,9 @@ class Validator:
         if accelerator.num_processes > 1:
             total = accelerator.reduce(total, reduction="sum")
         model.train(was_training)
-        val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        if total[1] == 0:  # a rank without held-out data: nothing comparable to report
+            return {}
+        val_loss = (total[0] / total[1]).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 

@@ -269,10 +269,11 @@ def train_step(
             acc.backward(loss * (count * scale).to(loss.dtype))
             loss_sum += loss.detach().double() * count
     grad_norm = _clip(model, acc, oc.grad_clip)
-    if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+    overflow = grad_norm is not None and not math.isfinite(grad_norm)
+    if overflow and acc.scaler is None and acc.distributed_type != DistributedType.DEEPSPEED:
         # A finite loss can still overflow in the backward pass; applying those gradients would put
         # NaN in every weight. (fp16's GradScaler skips such steps itself while it lowers its scale;
-        # DeepSpeed has already stepped inside backward.) Clipping sums over all ranks, so all agree.
+        # DeepSpeed has already stepped inside backward.) The norm is global, so all ranks agree.
         _discard_gradients(model, optimizer, acc)
         return float("nan"), grad_norm
     optimizer.step()

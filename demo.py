@@ -7,8 +7,8 @@ resumes its shards, pretraining resumes from its latest checkpoint with `--resum
 `make demo` again after a kill picks up where it stopped. Everything lands in `runs/demo/`
 (DEMO_DIR overrides it).
 
-Environment: DEMO_FAST=1 shrinks every step (a smaller tokenizer sample, 40 training steps) so that the
-demo runs in a few minutes after set-up; DEMO_CORPUS="FILE_OR_DIR ..." shards those inputs instead of
+Environment: DEMO_FAST=1 shrinks every step (a smaller tokenizer sample, 200 short training steps) so that
+the demo runs in a few minutes after set-up; DEMO_CORPUS="FILE_OR_DIR ..." shards those inputs instead of
 fetching the demo corpus (the tests use it, having no network); DEMO_SERVE=0 will skip the chat server
 once there is one.
 """
@@ -34,18 +34,18 @@ OUT = Path(os.environ.get("DEMO_DIR", REPO / "runs" / "demo"))
 CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
 PROMPTS = ["ROMEO:", "To be, or not", "风："]
 
-# DEMO_FAST keeps the real code path and shrinks only the amounts: a 4 MB tokenizer sample and 40
-# optimizer steps of 4 x 128 tokens. The full demo uses the demo.yaml preset as written.
+# DEMO_FAST keeps the real code path and shrinks only the amounts: a 4 MB tokenizer sample and 200
+# optimizer steps of 8 x 128 tokens. The full demo uses the demo.yaml preset as written.
 TOKENIZER_VOCAB = 8000  # the Chinese dictionary text needs ~5k distinct characters at full coverage
 TOKENIZER_SAMPLE_BYTES = (4 if FAST else 64) << 20
 FAST_OVERRIDES = [
-    "--train.max_steps", "40",
-    "--train.checkpoint_every", "20",
-    "--train.eval_every", "20",
-    "--optim.warmup_steps", "5",
+    "--train.max_steps", "200",
+    "--train.checkpoint_every", "100",
+    "--train.eval_every", "100",
+    "--optim.warmup_steps", "10",
     "--data.seq_len", "128",
-    "--data.batch_size", "4",
-    "--logging.sample_every", "40",
+    "--data.batch_size", "8",
+    "--logging.sample_every", "200",
 ]  # fmt: skip
 
 

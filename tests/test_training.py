@@ -207,7 +207,8 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
         "extra.weight",
     }
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert build_optimizer(model, OptimConfig()).defaults["fused"] is None  # CPU: no fused kernel
+    assert build_optimizer(model, OptimConfig()).defaults["fused"] is True  # torch has a fused CPU kernel
+    assert build_optimizer(model, OptimConfig(fused=False)).defaults["fused"] is None
 
 
 # ---------------------------------------------------------------------------------------------------

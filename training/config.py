@@ -346,7 +346,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     fused: bool | None = None
-    """Use the fused AdamW kernel; None = yes when the parameters are on a GPU."""
+    """Use torch's fused AdamW kernel; None = yes where the training device has one (CUDA, CPU, ...)."""
 
 
 @dataclasses.dataclass

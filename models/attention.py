@@ -22,6 +22,7 @@ those backends use sdpa, which is what a single decoding step needs anyway.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,18 +53,18 @@ def dense_causal_mask(
     return allowed
 
 
-class AttentionBackend:
+class AttentionBackend(ABC):
     """Interface: `prepare` builds the backend's mask once per forward; `__call__` attends in every layer."""
 
     name = "base"
 
+    @abstractmethod
     def prepare(
         self, *, q_len: int, kv_len: int, document_ids: torch.Tensor | None, device: torch.device
-    ) -> Any:
-        raise NotImplementedError
+    ) -> Any: ...
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor: ...
 
 
 class SdpaBackend(AttentionBackend):

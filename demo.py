@@ -16,20 +16,19 @@ once there is one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from data.progress import ticking
 
 REPO = Path(__file__).resolve().parent
 FAST = os.environ.get("DEMO_FAST", "0") not in ("", "0")
@@ -62,26 +61,6 @@ class Step:
 
 def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
-
-
-@contextlib.contextmanager
-def ticking(desc: str) -> Iterator[None]:
-    """A live elapsed-time line for a step that reports no progress of its own (a download, a trainer)."""
-    bar = tqdm(desc=desc, bar_format="{desc}: {elapsed} elapsed", dynamic_ncols=True)
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.wait(0.5):
-            bar.refresh()
-
-    thread = threading.Thread(target=tick, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        bar.close()
 
 
 def file_sha256(path: Path) -> str:
@@ -149,15 +128,15 @@ def step_tokenizer(steps: list[Step], shards: Path) -> Path:
         print(f"up to date: {tokenizer}")
     else:
         stamp.unlink(missing_ok=True)  # the stamp is written only once a tokenizer is complete
-        with ticking("training"):
-            train_tokenizer(
-                str(shards / "*.jsonl.zst"),
-                TOKENIZER_VOCAB,
-                tokenizer,
-                sample_bytes=TOKENIZER_SAMPLE_BYTES,
-                character_coverage=1.0,
-                log=tqdm.write,
-            )
+        train_tokenizer(
+            str(shards / "*.jsonl.zst"),
+            TOKENIZER_VOCAB,
+            tokenizer,
+            sample_bytes=TOKENIZER_SAMPLE_BYTES,
+            character_coverage=1.0,
+            log=tqdm.write,
+            progress=True,
+        )
         write_stamp(stamp, inputs)
     steps.append(Step("tokenizer", time.perf_counter() - start, tokenizer, f"vocabulary {TOKENIZER_VOCAB}"))
     return tokenizer

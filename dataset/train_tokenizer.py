@@ -16,6 +16,7 @@ that decode(encode(x)) == x; control symbols <s> </s> <pad> and the chat role to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import io
 import os
@@ -34,7 +35,9 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 import orjson
 import sentencepiece as spm
+from tqdm import tqdm
 
+from data.progress import ticking
 from data.shard_io import ShardError, expand_shard_paths, iter_shard_records
 from dataset.tokenizer import (
     BOS,
@@ -277,6 +280,7 @@ def train_tokenizer(
     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
     verbose: bool = False,
     log=None,
+    progress: bool = False,
 ) -> Path:
     """Train a tokenizer on a random sample of the shards and write the tokenizer folder `output_dir`.
 
@@ -323,7 +327,9 @@ def train_tokenizer(
         character_coverage=character_coverage,
         num_threads=num_threads or os.cpu_count() or 1,
     )
-    model = _train_sentencepiece(iter_sentences(sample.train), options, seed=seed, verbose=verbose)
+    model = _train_sentencepiece(
+        sample.train, options, seed=seed, verbose=verbose, progress=progress and not verbose
+    )
     trained_seconds = time.perf_counter() - started - sampled_seconds
 
     tmp_dir = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
@@ -358,14 +364,44 @@ def train_tokenizer(
     return output_dir
 
 
-def _train_sentencepiece(sentences: Iterator[str], options: dict, *, seed: int, verbose: bool) -> bytes:
-    """Run SentencePiece's trainer on `sentences`; returns the serialized model."""
+def _train_sentencepiece(
+    documents: list[bytes], options: dict, *, seed: int, verbose: bool, progress: bool
+) -> bytes:
+    """Run SentencePiece's trainer on the sampled `documents` (emptied as they are fed); returns the
+    serialized model.
+
+    With `progress`, a bar follows the bytes fed to SentencePiece, then an elapsed-time line its
+    training, which reports nothing of its own below its verbose log level.
+    """
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences, model_writer=model, minloglevel=0 if verbose else 2, **options
+    feeding = tqdm(
+        total=sum(map(len, documents)),
+        desc="SentencePiece: reading the sample",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+    training = contextlib.ExitStack()
+
+    def sentences() -> Iterator[str]:
+        for sentence in iter_sentences(documents):
+            feeding.update(len(sentence.encode()))
+            yield sentence
+        feeding.close()  # SentencePiece has every sentence: its training starts now
+        training.enter_context(
+            ticking(f"SentencePiece: training (vocab {options['vocab_size']:,})", progress)
         )
+
+    try:
+        with training:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences(), model_writer=model, minloglevel=0 if verbose else 2, **options
+            )
     except RuntimeError as exc:
         hint = ""
         if "required_chars" in str(exc) or "vocab_size" in str(exc):
@@ -511,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             model_max_length=args.model_max_length,
             verbose=args.verbose,
             log=None if args.quiet else log,
+            progress=not args.quiet,
         )
     except (OSError, ValueError) as exc:  # OSError covers FileNotFoundError and FileExistsError
         print(f"error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ those backends use sdpa, which is what a single decoding step needs anyway.
 
 from __future__ import annotations
 
+import importlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -188,19 +189,21 @@ def one_kernel_dtype(
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-class XformersBackend(AttentionBackend):
-    """xformers.ops.memory_efficient_attention (optional GPU dependency)."""
+class PackageBackend(AttentionBackend):
+    """A GPU kernel from an optional package, imported when the backend is chosen, so that a missing package
+    fails when the model is built and says how to install it. Packed documents reach the kernel as sequence
+    lengths (PackedMask); shapes the kernel cannot take fall back to sdpa."""
 
-    name = "xformers"
+    module: str  # the import name
+    package: str  # the pip name
 
     def __init__(self) -> None:
         try:
-            import xformers.ops as xops
+            self.kernels = importlib.import_module(self.module)
         except ImportError as e:
             raise ImportError(
-                f"attention_backend 'xformers' needs the xformers package: {GPU_EXTRAS_HINT}"
+                f"attention_backend {self.name!r} needs the {self.package} package: {GPU_EXTRAS_HINT}"
             ) from e
-        self.xops = xops
 
     def prepare(
         self, *, q_len: int, kv_len: int, document_ids: torch.Tensor | None, device: torch.device
@@ -210,53 +213,48 @@ class XformersBackend(AttentionBackend):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:
         if mask.fallback is not None:
             return SdpaBackend()(q, k, v, mask.fallback)
-        q, k, v = one_kernel_dtype(q, k, v)
+        return self.attend(*one_kernel_dtype(q, k, v), mask)
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:
+        """The kernel on (B, H, T, D) inputs of one dtype; returns (B, n_heads, T, D)."""
+
+
+class XformersBackend(PackageBackend):
+    """xformers.ops.memory_efficient_attention (optional GPU dependency)."""
+
+    name, module, package = "xformers", "xformers.ops", "xformers"
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:
         b, hq, t, d = q.shape
         hkv = k.shape[1]
         # xformers layout (B, T, G, H, D): kv heads as groups, the query heads of each group expanded over H.
         q5 = q.transpose(1, 2).reshape(b, t, hkv, hq // hkv, d)
         k5 = k.transpose(1, 2)[:, :, :, None].expand(b, t, hkv, hq // hkv, d)
         v5 = v.transpose(1, 2)[:, :, :, None].expand(b, t, hkv, hq // hkv, d)
-        fmha = self.xops.fmha
+        fmha = self.kernels.fmha
         if mask.seqlens is None:
             bias = fmha.attn_bias.LowerTriangularMask()
         else:  # packed documents: one long row of block-diagonal causal attention
             bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(mask.seqlens)
             q5, k5, v5 = (x.reshape(1, b * t, hkv, hq // hkv, d) for x in (q5, k5, v5))
-        out = self.xops.memory_efficient_attention(q5, k5, v5, attn_bias=bias)
+        out = self.kernels.memory_efficient_attention(q5, k5, v5, attn_bias=bias)
         return out.reshape(b, t, hq, d).transpose(1, 2)
 
 
-class FlashAttnBackend(AttentionBackend):
+class FlashAttnBackend(PackageBackend):
     """FlashAttention-2 (flash_attn package, optional; fp16/bf16 on CUDA); varlen kernel for packed documents."""
 
-    name = "flash_attn"
+    name, module, package = "flash_attn", "flash_attn", "flash-attn"
 
-    def __init__(self) -> None:
-        try:
-            import flash_attn
-        except ImportError as e:
-            raise ImportError(
-                f"attention_backend 'flash_attn' needs the flash-attn package: {GPU_EXTRAS_HINT}"
-            ) from e
-        self.flash_attn = flash_attn
-
-    def prepare(
-        self, *, q_len: int, kv_len: int, document_ids: torch.Tensor | None, device: torch.device
-    ) -> PackedMask:
-        return packed_mask(q_len, kv_len, document_ids, device)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:
-        if mask.fallback is not None:
-            return SdpaBackend()(q, k, v, mask.fallback)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:
         b, hq, t, d = q.shape
-        q, k, v = one_kernel_dtype(q, k, v)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # flash layout (B, T, H, D); GQA is native
         if mask.cu_seqlens is None:
-            out = self.flash_attn.flash_attn_func(q, k, v, causal=True)
+            out = self.kernels.flash_attn_func(q, k, v, causal=True)
         else:
             flat = (x.reshape(b * t, x.shape[2], d) for x in (q, k, v))
-            out = self.flash_attn.flash_attn_varlen_func(
+            out = self.kernels.flash_attn_varlen_func(
                 *flat,
                 cu_seqlens_q=mask.cu_seqlens,
                 cu_seqlens_k=mask.cu_seqlens,

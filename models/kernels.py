@@ -38,9 +38,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from models.attention import GPU_EXTRAS_HINT
+
 log = logging.getLogger(__name__)
 
-GPU_EXTRAS_HINT = "pip install -r requirements-gpu.txt"
 CROSS_ENTROPY_CHOICES = ("auto", "none", "chunked", "liger")
 IGNORE_INDEX = -100
 

@@ -173,10 +173,10 @@ def run_one(
     if missing and not smoke:  # the smoke run exercises the fallbacks instead
         return {"status": "skipped", "reason": f"{', '.join(missing)} not installed ({GPU_EXTRAS_HINT})"}
     notes = []
-    try:
-        model = build_model(config, preset, vocab_size, seq_len, device)
-    except ImportError as e:
-        return {"status": "skipped", "reason": str(e)}
+    model = build_model(config, preset, vocab_size, seq_len, device)
+    unavailable = getattr(getattr(model, "attention_backend", None), "unavailable", None)
+    if unavailable:  # the model would run sdpa instead: never measured under the kernel's name
+        return {"status": "skipped", "reason": unavailable}
     kernels = dict(model.kernels.names) if config.impl == "ours" else {}
     fell_back = sorted(k for k, v in kernels.items() if v != "liger" and _wants_liger(config, k))
     if fell_back:
@@ -356,7 +356,7 @@ def environment() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -381,22 +381,26 @@ def flops_per_token(preset: str, vocab_size: int, seq_len: int) -> float:
     return model.flops_per_token(seq_len)
 
 
-def add_ratios(rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
-    """MFU against both peaks and speed/memory ratios against each preset's baseline row."""
-    base = {r["preset"]: r for r in rows if r["config"] == "hf" and r["status"] == "ok"}
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """MFU against both peaks of the row's own device run, and speed/memory ratios against the baseline row
+    of the same preset, batch size and sequence length (rows kept by --append may come from other shapes)."""
+
+    def shape(r: dict[str, Any]) -> tuple[str, int, int]:
+        return r["preset"], r["batch_size"], r["seq_len"]
+
+    base = {shape(r): r for r in rows if r["config"] == "hf" and r["status"] == "ok"}
     for r in rows:
         if r["status"] != "ok":
             continue
         achieved = r["tokens_per_s"] * r["flops_per_token"]
         r["achieved_tflops"] = achieved / 1e12
-        peak = env.get("datasheet_peak_flops")
-        r["mfu_datasheet"] = achieved / peak if peak else None
-        r["mfu_measured_peak"] = achieved / env["matmul_peak_flops"] if env.get("matmul_peak_flops") else None
-        b = base.get(r["preset"])
+        datasheet, measured = r.get("datasheet_peak_flops"), r.get("matmul_peak_flops")
+        r["mfu_datasheet"] = achieved / datasheet if datasheet else None
+        r["mfu_measured_peak"] = achieved / measured if measured else None
+        b = base.get(shape(r))
         r["speed_vs_baseline"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
-        same_batch = b is not None and b["batch_size"] == r["batch_size"]
         mem, base_mem = r.get("peak_memory_gib"), b.get("peak_memory_gib") if b else None
-        r["memory_vs_baseline"] = mem / base_mem if same_batch and mem and base_mem else None
+        r["memory_vs_baseline"] = mem / base_mem if mem and base_mem else None
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -527,8 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     if args.append and json_path.exists():
         previous = json.loads(json_path.read_text())
-        replaced = {(p, n, batch_sizes.get(p, 1)) for p in presets for n in names}
-        rows = [r for r in previous["rows"] if (r["preset"], r["config"], r["batch_size"]) not in replaced]
+        replaced = {(p, n, batch_sizes.get(p, 1), seq_len) for p in presets for n in names}
+        rows = [
+            r
+            for r in previous["rows"]
+            if (r["preset"], r["config"], r["batch_size"], r["seq_len"]) not in replaced
+        ]
     probe = run_isolated({"kind": "probe", "device": device, "smoke": smoke}, args.timeout, isolate)
     if probe["status"] != "ok":
         print(f"train_gpu.py: cannot use the {device} device: {probe.get('reason')}", file=sys.stderr)
@@ -565,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size": job["batch_size"],
                 "seq_len": seq_len,
                 "flops_per_token": fpt,
+                # this run's device and peaks, kept with the row: --append may mix runs
+                **{k: env[k] for k in ("device", "datasheet_peak_flops", "matmul_peak_flops")},
                 "wall_s": time.perf_counter() - started,
                 **result,
             }
@@ -575,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 else f"{row['status']}: {row.get('reason', '')}"
             )
             print(f"[{preset}] {name:<12} {shown}", flush=True)
-            add_ratios(rows, env)
+            add_ratios(rows)
             write_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
             write_atomic(md_path, markdown(rows, env))
     print()

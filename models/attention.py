@@ -15,8 +15,9 @@ are built once, not per layer) and then `backend(q, k, v, mask)` in every layer.
 | xformers   | xformers memory_efficient_attention                          | GPU, optional      |
 | flash_attn | FlashAttention-2 (varlen kernel for packed documents)        | GPU, optional      |
 
-xformers and flash_attn only have kernels for training shapes (Tq == Tk); KV-cache decoding steps through
-those backends use sdpa, which is what a single decoding step needs anyway.
+xformers and flash_attn only have kernels for training shapes (Tq == Tk) on CUDA; KV-cache decoding steps
+through those backends use sdpa, which is what a single decoding step needs anyway, and so does everything
+where the package is missing or the tensors are on the CPU (with one log line saying so).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-GPU_EXTRAS_HINT = "pip install -r requirements-gpu.txt"
+from models.kernels import GPU_EXTRAS_HINT, log_fallback
 
 
 @dataclass
@@ -153,7 +154,7 @@ class PackedMask:
     cu_seqlens: torch.Tensor | None  # (n_docs + 1,) int32 offsets into the flattened (B·T) tokens
     seqlens: list[int] | None
     max_seqlen: int
-    fallback: DenseMask | None = None  # decoding with a KV cache: handled by sdpa
+    fallback: DenseMask | None = None  # sdpa does the work: KV-cache decoding, or the kernel cannot run here
 
 
 def packed_mask(
@@ -190,24 +191,36 @@ def one_kernel_dtype(
 
 
 class PackageBackend(AttentionBackend):
-    """A GPU kernel from an optional package, imported when the backend is chosen, so that a missing package
-    fails when the model is built and says how to install it. Packed documents reach the kernel as sequence
-    lengths (PackedMask); shapes the kernel cannot take fall back to sdpa."""
+    """A GPU kernel from an optional package. Packed documents reach the kernel as sequence lengths
+    (PackedMask). Where the kernel cannot run, sdpa does the work with the same masking, and the first such
+    forward in the process logs one line saying why, like the fused-kernel switches (models/kernels.py):
+    the package is missing or fails to import, or the tensors are not on a CUDA device (a GPU-trained
+    model's config used on a CPU for export or chat). KV-cache decoding steps always use sdpa."""
 
     module: str  # the import name
     package: str  # the pip name
+    device_types: tuple[str, ...] = ("cuda",)  # where the kernels run
 
     def __init__(self) -> None:
+        self.kernels: Any = None
+        self.unavailable: str | None = None
+        """Why the package cannot be used in this process, or None."""
         try:
             self.kernels = importlib.import_module(self.module)
-        except ImportError as e:
-            raise ImportError(
-                f"attention_backend {self.name!r} needs the {self.package} package: {GPU_EXTRAS_HINT}"
-            ) from e
+        except Exception as e:  # missing, or built against another torch / CUDA
+            self.unavailable = f"the {self.package} package cannot be imported ({e}; {GPU_EXTRAS_HINT})"
 
     def prepare(
         self, *, q_len: int, kv_len: int, document_ids: torch.Tensor | None, device: torch.device
     ) -> PackedMask:
+        on_device = device.type in self.device_types
+        reason = self.unavailable or (None if on_device else f"a CUDA kernel, not for {device.type} tensors")
+        if reason is not None:
+            log_fallback(f"attention_backend {self.name}", reason, "sdpa")
+            dense = SdpaBackend().prepare(
+                q_len=q_len, kv_len=kv_len, document_ids=document_ids, device=device
+            )
+            return PackedMask(None, None, 0, fallback=dense)
         return packed_mask(q_len, kv_len, document_ids, device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:

@@ -38,10 +38,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from models.attention import GPU_EXTRAS_HINT
-
 log = logging.getLogger(__name__)
 
+GPU_EXTRAS_HINT = "pip install -r requirements-gpu.txt"
 CROSS_ENTROPY_CHOICES = ("auto", "none", "chunked", "liger")
 IGNORE_INDEX = -100
 
@@ -83,7 +82,7 @@ class Kernels:
 _logged_fallbacks: set[tuple[str, str]] = set()
 
 
-def _fallback(switch: str, reason: str, instead: str) -> None:
+def log_fallback(switch: str, reason: str, instead: str) -> None:
     """Say once per process that `switch` runs `instead` of its fast path, and why."""
     if (switch, reason) in _logged_fallbacks:
         return
@@ -101,6 +100,8 @@ def liger_unavailable_reason() -> str | None:
         if getattr(e, "name", None) in ("liger_kernel", "triton"):
             return f"{e.name} is not installed ({GPU_EXTRAS_HINT})"
         return f"liger-kernel failed to import ({e})"
+    except Exception as e:  # a Triton / liger-kernel version mismatch fails in other ways at import time
+        return f"liger-kernel failed to import ({type(e).__name__}: {e})"
     return None
 
 
@@ -148,9 +149,9 @@ def select_kernels(config: KernelSwitches, reference: Kernels) -> Kernels:
             try:
                 chosen[field], names[switch] = _cuda_or(_LIGER_BUILDERS[field](), slow), "liger"
                 continue
-            except ImportError as e:  # an older or partial liger-kernel without this operation
+            except Exception as e:  # an older or partial liger-kernel without this operation
                 reason = f"liger-kernel has no usable kernel for it ({e})"
-        _fallback(switch, reason, slow_description)
+        log_fallback(switch, reason, slow_description)
         chosen[field], names[switch] = slow, slow_name
     return dataclasses.replace(reference, names=names, **chosen)
 
@@ -172,13 +173,15 @@ def _liger_rms_norm() -> Callable[..., torch.Tensor]:
 
 
 def _liger_rotary() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    # The autograd Function itself, like the other Liger kernels here: liger_rotary_pos_emb goes through
+    # Liger's backend dispatcher (environment look-ups and locks on every call, per layer).
+    from liger_kernel.ops.rope import LigerRopeFunction
 
     def rotary(
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Same (B, H, T, D) layout and rotate-half cos/sin (B, T, D) as transformers' Llama.
-        return liger_rotary_pos_emb(q, k, cos, sin)
+        return LigerRopeFunction.apply(q, k, cos, sin)
 
     return rotary
 

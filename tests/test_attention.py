@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
 import sys
 import types
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attention import BACKENDS, get_attention_backend
+import models.kernels as models_kernels
+from models.attention import BACKENDS, PackageBackend, get_attention_backend
 from models.llama import Llama, ModelConfig
 
 HAS_CUDA = torch.cuda.is_available()
@@ -146,6 +148,7 @@ def fake_xformers_ops() -> types.ModuleType:
 
 @pytest.fixture
 def stand_in_packages(monkeypatch):
+    monkeypatch.setattr(PackageBackend, "device_types", ("cuda", "cpu"))  # the stand-ins run anywhere
     monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn())
     monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
     monkeypatch.setitem(sys.modules, "xformers.ops", fake_xformers_ops())
@@ -220,13 +223,34 @@ def test_eager_reference_is_softmax_attention():
             assert torch.allclose(out[0, h, i], want, atol=1e-5)
 
 
-def test_unknown_and_missing_backends_have_clear_errors():
+def test_unknown_backend_has_a_clear_error():
     with pytest.raises(ValueError, match="choose one of"):
         get_attention_backend("fast")
-    for name, module in (("xformers", "xformers"), ("flash_attn", "flash_attn")):
-        if importlib.util.find_spec(module) is None:
-            with pytest.raises(ImportError, match=r"requirements-gpu\.txt"):
-                get_attention_backend(name)
+
+
+@pytest.mark.parametrize("name", ["xformers", "flash_attn"])
+@pytest.mark.parametrize("installed", [False, True], ids=["missing", "installed"])
+def test_gpu_backend_falls_back_to_sdpa_with_one_log_line(name, installed, monkeypatch, caplog):
+    """A config written for a GPU (attention_backend flash_attn) still runs on a CPU, package or not."""
+    if installed:  # the package imports, but the tensors are on the CPU
+        monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn())
+        monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+        monkeypatch.setitem(sys.modules, "xformers.ops", fake_xformers_ops())
+    else:
+        for module in ("flash_attn", "xformers", "xformers.ops"):
+            monkeypatch.setitem(sys.modules, module, None)  # `import` raises ImportError
+    monkeypatch.setattr(models_kernels, "_logged_fallbacks", set())
+    backend, sdpa = get_attention_backend(name), get_attention_backend("sdpa")
+    q, k, v = (x.detach() for x in qkv(2, 4, 2, 24, 16, "cpu", torch.float32))
+    docs = packed_documents(2, [10, 14], "cpu")
+    with caplog.at_level(logging.WARNING, logger="models.kernels"):
+        for _ in range(2):
+            got = backend(q, k, v, backend.prepare(q_len=24, kv_len=24, document_ids=docs, device=q.device))
+    want = sdpa(q, k, v, sdpa.prepare(q_len=24, kv_len=24, document_ids=docs, device=q.device))
+    torch.testing.assert_close(got, want)
+    lines = [r.getMessage() for r in caplog.records if f"attention_backend {name}" in r.getMessage()]
+    assert len(lines) == 1 and "using sdpa instead" in lines[0]
+    assert ("requirements-gpu.txt" in lines[0]) != installed  # a missing package says how to install it
 
 
 @pytest.mark.parametrize("name", ["sdpa", "eager", "flex"])

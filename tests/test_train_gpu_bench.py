@@ -114,3 +114,25 @@ def test_bad_arguments_are_reported(tmp_path, capsys):
     assert bench.main(["--cpu-smoke", "--presets", "13b", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit, match="PRESET=N"):
         bench.main(["--cpu-smoke", "--batch-size", "1b", "--out", str(tmp_path)])
+
+
+def test_ratios_pair_each_row_with_the_baseline_of_its_own_shape():
+    def row(config, seq_len, tokens_per_s, memory, datasheet):
+        return {
+            "preset": "1b", "config": config, "batch_size": 4, "seq_len": seq_len, "status": "ok",
+            "tokens_per_s": tokens_per_s, "peak_memory_gib": memory, "flops_per_token": 1e9,
+            "datasheet_peak_flops": datasheet, "matmul_peak_flops": None,
+        }  # fmt: skip
+
+    rows = [  # rows of two runs kept together by --append: other sequence lengths, other devices
+        row("hf", 2048, 1000.0, 40.0, 989e12),
+        row("ours", 2048, 3000.0, 20.0, 989e12),
+        row("hf", 4096, 500.0, 70.0, 835e12),
+        row("ours", 4096, 2000.0, 35.0, 835e12),
+    ]
+    bench.add_ratios(rows)
+    assert [r["speed_vs_baseline"] for r in rows] == [1.0, 3.0, 1.0, 4.0]
+    assert [r["memory_vs_baseline"] for r in rows] == [1.0, 0.5, 1.0, 0.5]
+    assert rows[1]["mfu_datasheet"] == pytest.approx(3000e9 / 989e12)
+    assert rows[3]["mfu_datasheet"] == pytest.approx(2000e9 / 835e12)  # its own run's device
+    assert rows[3]["mfu_measured_peak"] is None

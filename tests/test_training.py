@@ -590,3 +590,26 @@ def test_deepspeed_zero1_two_cpu_processes_train_checkpoint_and_resume(real_data
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = losses(out)
     assert resumed == pytest.approx(full, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("device_name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA H20", 148e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("Some Future GPU", None),
+    ],
+)
+def test_datasheet_peak_matches_the_most_specific_gpu_name(monkeypatch, device_name, peak):
+    from training.metrics import peak_flops_per_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert peak_flops_per_device(torch.device("cuda")) == peak
+    assert peak_flops_per_device(torch.device("cuda"), override=1e15) == 1e15
+    assert peak_flops_per_device(torch.device("cpu")) is None

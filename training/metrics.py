@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 # Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets, no sparsity), matched against
 # torch.cuda.get_device_name() in order, so the more specific names come first.
 PEAK_FLOPS: list[tuple[str, float]] = [
-    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM
     ("H800", 989e12),
     ("H20", 148e12),
     ("B200", 2250e12),
-    ("GH200", 989e12),
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),

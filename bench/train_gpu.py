@@ -60,6 +60,7 @@ class BenchConfig:
     compile: bool = False
     fused_adamw: bool = False
     activation_checkpointing: bool = False
+    documents: bool = False  # packed documents: position_ids restart per document, attention stays inside
 
     def needs(self) -> list[tuple[str, str]]:
         """(import name, pip name) of the optional libraries this row needs."""
@@ -86,6 +87,22 @@ CONFIGS: list[BenchConfig] = [
     BenchConfig("fused_adamw", "ours + fused AdamW", fused_adamw=True),
     BenchConfig("flash_attn", "ours + FlashAttention-2 backend", attention_backend="flash_attn"),
     BenchConfig("xformers", "ours + xformers backend", attention_backend="xformers"),
+    # Document masking (pretraining with data.document_masking): the same tokens cut into documents of
+    # DOCUMENT_MEAN_TOKENS on average. sdpa needs a dense mask there (no flash kernel); flash_attn's varlen
+    # kernel and flex's block mask skip the masked blocks.
+    BenchConfig("docs_sdpa", "ours, packed documents, sdpa + dense document mask", documents=True),
+    BenchConfig(
+        "docs_flash_attn",
+        "ours, packed documents, flash_attn varlen",
+        attention_backend="flash_attn",
+        documents=True,
+    ),
+    BenchConfig(
+        "docs_flex",
+        "ours, packed documents, flex attention block mask",
+        attention_backend="flex",
+        documents=True,
+    ),
     BenchConfig(
         "all_torch",
         "ours + compile + chunked CE + fused AdamW (no extra library)",
@@ -110,6 +127,7 @@ CONFIGS: list[BenchConfig] = [
 ]
 CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
 
+DOCUMENT_MEAN_TOKENS = 512
 DEFAULT_BATCH = {"tiny": 2, "125m": 8, "1b": 4, "350m": 8, "7b": 1}
 
 
@@ -169,6 +187,8 @@ def run_one(
 
     if device == "cpu" and config.attention_backend in ("flash_attn", "xformers"):
         return {"status": "skipped", "reason": f"{config.attention_backend} needs a CUDA GPU"}
+    if device == "cpu" and config.attention_backend == "flex":
+        return {"status": "skipped", "reason": "torch's flex attention has no backward on the CPU"}
     missing = [pip for module, pip in config.needs() if importlib.util.find_spec(module) is None]
     if missing and not smoke:  # the smoke run exercises the fallbacks instead
         return {"status": "skipped", "reason": f"{', '.join(missing)} not installed ({GPU_EXTRAS_HINT})"}
@@ -195,12 +215,13 @@ def run_one(
     )
     g = torch.Generator(device="cpu").manual_seed(1234)
     batches = [torch.randint(0, vocab_size, (batch_size, seq_len), generator=g).to(device) for _ in range(2)]
+    position_ids = document_positions(batch_size, seq_len, g).to(device) if config.documents else None
     use_cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)  # fp32 on the CPU smoke run
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, position_ids=position_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -235,6 +256,23 @@ def run_one(
         "kernels": kernels,
         "notes": "; ".join(notes),
     }
+
+
+def document_positions(batch_size: int, seq_len: int, generator: Any) -> Any:
+    """Position ids of rows packed with documents of DOCUMENT_MEAN_TOKENS tokens on average (exponential
+    lengths, at least 16 tokens): they restart at 0 where a document starts, as the pretraining data gives them."""
+    import torch
+
+    rows = []
+    for _ in range(batch_size):
+        pieces, filled = [], 0
+        while filled < seq_len:
+            length = int(torch.empty(1).exponential_(1 / DOCUMENT_MEAN_TOKENS, generator=generator)) + 16
+            length = min(length, seq_len - filled)
+            pieces.append(torch.arange(length))
+            filled += length
+        rows.append(torch.cat(pieces))
+    return torch.stack(rows)
 
 
 def _wants_liger(config: BenchConfig, switch: str) -> bool:

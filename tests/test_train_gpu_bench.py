@@ -46,8 +46,11 @@ def test_cpu_smoke_run_has_a_row_for_every_configuration(tmp_path):
     assert list(rows) == [c.name for c in bench.CONFIGS]
     for name, row in rows.items():
         assert row["preset"] == "tiny" and row["batch_size"] == 2 and row["seq_len"] == 128
-        if name in ("flash_attn", "xformers"):  # attention kernels with no CPU path
+        if name in ("flash_attn", "xformers", "docs_flash_attn"):  # attention kernels with no CPU path
             assert row["status"] == "skipped" and "needs a CUDA GPU" in row["reason"]
+            continue
+        if name == "docs_flex":
+            assert row["status"] == "skipped" and "no backward on the CPU" in row["reason"]
             continue
         assert row["status"] == "ok", row
         assert row["tokens_per_s"] > 0 and row["loss_first"] > 0
@@ -58,9 +61,11 @@ def test_cpu_smoke_run_has_a_row_for_every_configuration(tmp_path):
     assert rows["chunked_ce"]["kernels"] == {"fused_cross_entropy": "chunked"}
     # Same seed, same weights: every switch's path starts from the plain model's loss and stays with it.
     for row in rows.values():
-        if row["status"] == "ok" and row["config"] != "hf":
+        if row["status"] == "ok" and row["config"] not in ("hf", "docs_sdpa"):
             assert row["loss_first"] == pytest.approx(rows["ours"]["loss_first"], abs=1e-4), row["config"]
             assert row["loss_last"] == pytest.approx(rows["ours"]["loss_last"], abs=1e-2), row["config"]
+    # Document masking changes what each token sees: the same tokens give another loss.
+    assert rows["docs_sdpa"]["loss_first"] != pytest.approx(rows["ours"]["loss_first"], abs=1e-4)
     # The baseline (normal init, no stable embedding) starts near the uniform loss log(512) = 6.24.
     assert abs(rows["hf"]["loss_first"] - 6.238) < 0.5
     table = (tmp_path / "train_gpu.md").read_text()
@@ -136,3 +141,19 @@ def test_ratios_pair_each_row_with_the_baseline_of_its_own_shape():
     assert rows[1]["mfu_datasheet"] == pytest.approx(3000e9 / 989e12)
     assert rows[3]["mfu_datasheet"] == pytest.approx(2000e9 / 835e12)  # its own run's device
     assert rows[3]["mfu_measured_peak"] is None
+
+
+def test_document_positions_restart_per_document():
+    import torch
+
+    positions = bench.document_positions(4, 2048, torch.Generator().manual_seed(0))
+    assert positions.shape == (4, 2048)
+    for row in positions:
+        starts = (row == 0).nonzero().flatten().tolist()
+        assert starts[0] == 0 and len(starts) > 1
+        lengths = [b - a for a, b in zip(starts, [*starts[1:], 2048])]
+        assert all(n >= 16 for n in lengths[:-1])  # only the last document is cut by the row's end
+        for start, n in zip(starts, lengths):
+            assert torch.equal(row[start : start + n], torch.arange(n))
+    mean = 4 * 2048 / sum(int((row == 0).sum()) for row in positions)
+    assert 200 < mean < 1000  # around DOCUMENT_MEAN_TOKENS + 16, cut by the row ends

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from data.shard_io import ShardError
 from dataset.pretrain_dataset import (
     PretrainDataConfig,
     build_pretrain_dataloader,
@@ -69,12 +70,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("data.tokenizer is required (a folder written by dataset/train_tokenizer.py)")
         tokenizer = Tokenizer.load(config.data.tokenizer)
         config.model = resolve_model_config(config.model, tokenizer, config.data.seq_len)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)  # unwritable: fail before any work
+        accelerator = build_accelerator(config.train)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        train_data = build_pretrain_dataloader(config.data, tokenizer, rank=rank, world_size=world)
+        val_data = build_validation_dataloader(
+            config.data, tokenizer, rank=rank, world_size=world, max_batches=config.train.eval_batches
+        )
+    except (ConfigError, OSError, ValueError) as exc:  # OSError: missing files, an unwritable output_dir
         print(f"pretrain_llama.py: error: {exc}", file=sys.stderr)
         return 2
 
-    accelerator = build_accelerator(config.train)
-    rank, world = accelerator.process_index, accelerator.num_processes
     seed_everything(config.train.seed)  # the same initial weights on every rank
     model = Llama(config.model)
     if accelerator.is_main_process:
@@ -84,10 +90,6 @@ def main(argv: list[str] | None = None) -> int:
             "accumulation steps per optimizer step",
             flush=True,
         )
-    train_data = build_pretrain_dataloader(config.data, tokenizer, rank=rank, world_size=world)
-    val_data = build_validation_dataloader(
-        config.data, tokenizer, rank=rank, world_size=world, max_batches=config.train.eval_batches
-    )
 
     def export(state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         with torch.device("meta"):
@@ -110,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (NonFiniteLossError, CheckpointError) as exc:
         print(f"pretrain_llama.py: error: {exc}", file=sys.stderr)
+        return 1
+    except ShardError as exc:
+        # From a DataLoader worker the message carries the worker's traceback: its last line is the error.
+        message = [line for line in str(exc).splitlines() if line.strip()][-1].split("ShardError: ", 1)[-1]
+        print(
+            f"pretrain_llama.py: error: a shard cannot be read: {message}\n"
+            "Fix or remove that shard, then continue from the last checkpoint with --resume auto.",
+            file=sys.stderr,
+        )
         return 1
     finally:
         train_data.close()

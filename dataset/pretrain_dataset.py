@@ -232,15 +232,17 @@ def plan_groups(config: PretrainDataConfig, rank: int, world_size: int, *, valid
         by_source.setdefault(shard_source(path), []).append(path)
     if not config.mixture:
         return [Group("all", 1.0, split_parts(paths, rank, world_size))]
+    # A weight for a source with no shard is checked first: it is usually a typo of the source that then
+    # seems to lack a weight.
+    absent = sorted(s for s, w in config.mixture.items() if w > 0 and s not in by_source)
+    if absent and not validation:
+        raise ValueError(f"mixture source(s) {absent} match no shard; sources found: {sorted(by_source)}")
     missing = sorted(set(by_source) - set(config.mixture))
     if missing and not validation:
         raise ValueError(
             f"shards of source(s) {missing} have no mixture weight; give each a weight (0 leaves it out). "
             f"Weights given: {config.mixture}"
         )
-    absent = sorted(s for s, w in config.mixture.items() if w > 0 and s not in by_source)
-    if absent and not validation:
-        raise ValueError(f"mixture source(s) {absent} match no shard; sources found: {sorted(by_source)}")
     return [
         Group(source, config.mixture.get(source, 1.0), split_parts(by_source[source], rank, world_size))
         for source in sorted(by_source)

@@ -271,6 +271,8 @@ def test_mixture_errors_name_the_sources(corpus, tokenizer):
         build_pretrain_dataloader(make_config(corpus, mixture={"alpha": 1}), tokenizer)
     with pytest.raises(ValueError, match=r"\['gamma'\] match no shard"):
         build_pretrain_dataloader(make_config(corpus, mixture={"alpha": 1, "beta": 1, "gamma": 1}), tokenizer)
+    with pytest.raises(ValueError, match=r"\['betta'\] match no shard; sources found: \['alpha', 'beta'\]"):
+        build_pretrain_dataloader(make_config(corpus, mixture={"alpha": 1, "betta": 1}), tokenizer)  # a typo
     with pytest.raises(ValueError, match="must be finite and >= 0"):
         make_config(corpus, mixture={"alpha": -1})
 

@@ -178,6 +178,46 @@ def test_typo_in_a_run_config_is_a_clean_cli_error(real_data, tmp_path):
     assert "max_steps" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--data.shards", "['/nonexistent/*.jsonl.zst']"],
+            "no shard files match '/nonexistent/*.jsonl.zst'",
+        ),
+        (["--train.precision", "fp8"], "train.precision must be one of"),
+        (["--train.output_dir", "/dev/null/run"], "Not a directory: '/dev/null/run'"),
+        (["--data.mixture", "{pile: 1, piel: 1}"], "mixture source(s) ['piel'] match no shard"),
+    ],
+    ids=["missing-shards", "precision", "unwritable-output", "mixture-typo"],
+)
+def test_setup_mistakes_are_one_line_errors(real_data, tmp_path, args, expected):
+    result = pretrain(run_config(real_data, tmp_path / "out"), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pretrain_llama.py: error: " in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_shard_mid_run_stops_with_its_file_and_line(real_data, tmp_path, workers):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    good = list(iter_shard_records(real_data["shards"] / "part-pile-00000.jsonl.zst"))[:8]
+    lines = [orjson.dumps(r) for r in good[:5]] + [b'{"text": "cut'] + [orjson.dumps(r) for r in good[5:]]
+    bad = shards / "part-pile-00000.jsonl.zst"
+    bad.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n"))
+    config = run_config(
+        real_data,
+        tmp_path / "out",
+        data={"shards": [str(shards / "*.jsonl.zst")], "num_workers": workers, "validation_fraction": 0},
+        train={"eval_every": 0},
+    )
+    result = pretrain(config)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"a shard cannot be read: {bad}:6: malformed JSON" in result.stderr
+    assert "--resume auto" in result.stderr and "Traceback" not in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 

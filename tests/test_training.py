@@ -151,13 +151,28 @@ def test_yaml_then_command_line_with_declared_types(tmp_path):
     assert config.optim.warmup_steps == OptimConfig().warmup_steps
 
 
+def test_one_string_for_a_list_of_strings_is_a_one_item_list():
+    from pretrain_llama import PretrainConfig
+
+    config = parse_config(PretrainConfig, ["--model.preset", "tiny", "--data.shards", "shards/*.jsonl.zst"])
+    assert config.data.shards == ["shards/*.jsonl.zst"]
+    config = parse_config(PretrainConfig, ["--model.preset", "tiny", "--data.shards", "[a/*.zst, b/*.zst]"])
+    assert config.data.shards == ["a/*.zst", "b/*.zst"]
+
+
 @pytest.mark.parametrize(
     ("argv", "yaml_text", "expected"),
     [
         ([], "train: {max_stepz: 3}\n", "unknown key 'train.max_stepz' (did you mean 'max_steps'?)"),
         (["--optim.lrr", "1"], "", "unknown option --optim.lrr (did you mean 'lr'?)"),
         ([], "trian: {}\n", "unknown key 'trian'"),
-        (["--train.max_steps", "ten"], "", "'train.max_steps' must be int"),
+        (["--train.max_steps", "ten"], "", "command line (--train.max_steps): 'train.max_steps' must be int"),
+        ([], "train: {max_steps: ten}\n", "bad.yaml: 'train.max_steps' must be int"),
+        (
+            ["--model.preset", "tinyy"],
+            "",
+            "bad.yaml with the command-line overrides: invalid 'model' section",
+        ),
     ],
 )
 def test_config_errors_name_the_key_and_the_valid_keys(tmp_path, argv, yaml_text, expected):

@@ -150,10 +150,14 @@ def build_dataclass(cls: type[T], raw: dict[str, Any], *, source: str, prefix: s
         if isinstance(exc, ConfigError):
             raise
         where = prefix.rstrip(".") or "config"
+        if any(isinstance(v, _CliValue) for v in [*raw.values(), preset]):
+            source = "command line" if source == "defaults" else f"{source} with the command-line overrides"
         raise ConfigError(f"{source}: invalid '{where}' section: {exc}") from exc
 
 
 def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
+    if isinstance(value, _CliValue):  # errors name where the value came from
+        source = f"command line (--{key})"
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -195,6 +199,8 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
                 raise ValueError
             return str(value)
         if origin in (list, tuple):
+            if isinstance(value, str):  # one string for a list of strings: `--data.shards 'dir/*.zst'`
+                value = [value]
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             (item_tp, *_) = typing.get_args(tp) or (Any,)

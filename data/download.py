@@ -232,6 +232,8 @@ def fetch_all(
 def pile_urls(base_url: str | None = None, parts: str | list[str] | None = None) -> list[str]:
     """The Pile part URLs: PILE_BASE_URL (default: the Hugging Face mirror) + NN.jsonl.zst for PILE_PARTS."""
     base = base_url or os.environ.get("PILE_BASE_URL") or PILE_BASE_URL
+    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", base):  # a local folder (a mounted copy of the parts)
+        base = Path(base).resolve().as_uri()
     parts = parts or os.environ.get("PILE_PARTS") or PILE_PARTS
     if isinstance(parts, str):
         parts = parts.split()

@@ -9,9 +9,11 @@ set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 # Paths given by the user are relative to where they ran the script; the commands run from the repository.
 abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
-PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 OUT_DIR="$(abspath "${1:-corpus/pile}")"
+case "${PILE_BASE_URL:-}" in ""|*://*) ;; *) export PILE_BASE_URL="$(abspath "$PILE_BASE_URL")" ;; esac
 cd "$(dirname "$0")/.."
+# The repository's .venv when there is one (looked up after the cd, so it is found from anywhere).
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 WORKERS="${SHARD_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
 
 "$PYTHON" data/download.py pile --output-dir "$OUT_DIR/raw"

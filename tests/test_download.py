@@ -206,6 +206,8 @@ def test_pile_urls_default_mirror_and_overrides(monkeypatch):
         "http://mirror.example/pile/03.jsonl.zst",
         "http://mirror.example/pile/17.jsonl.zst",
     ]
+    monkeypatch.setenv("PILE_BASE_URL", "/data/pile/train/")  # a local folder: a file:// URL
+    assert pile_urls() == ["file:///data/pile/train/03.jsonl.zst", "file:///data/pile/train/17.jsonl.zst"]
 
 
 def test_checksum_list_and_cli(server, tmp_path):
@@ -257,6 +259,27 @@ def test_download_the_pile_script(server, tmp_path):
     assert (
         json.loads((tmp_path / "pile" / "shards" / "manifest.json").read_text())["totals"]["documents"] == 60
     )
+
+
+def test_download_the_pile_script_from_elsewhere_with_a_local_mirror_folder(tmp_path):
+    """Run from another folder, with PILE_BASE_URL a folder path relative to it (a mounted copy)."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    docs = [{"text": f"local doc {i}", "meta": {"pile_set_name": "Test"}} for i in range(5)]
+    (mirror / "07.jsonl.zst").write_bytes(make_pile_part(docs))
+    env = {**os.environ, "PILE_BASE_URL": "mirror", "PILE_PARTS": "07", "SHARD_WORKERS": "1"}
+    env.pop("PYTHON", None)
+    result = subprocess.run(
+        ["bash", str(REPO / "data" / "download_the_pile.sh"), "out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    shards = sorted((tmp_path / "out" / "shards").glob("part-pile-*.jsonl.zst"))
+    assert [r["text"] for p in shards for r in iter_shard_records(p)] == [d["text"] for d in docs]
 
 
 def wudao_json(n: int) -> bytes:

@@ -199,6 +199,12 @@ def step_samples(steps: list[Step], hf_dir: Path) -> None:
 
 
 def main() -> int:
+    import argparse
+
+    # No options: the environment variables above steer it. --help says so instead of starting the demo.
+    argparse.ArgumentParser(
+        prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     steps: list[Step] = []
     wall = time.perf_counter()

@@ -139,7 +139,7 @@ class ShardSummary:
         rate = self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
         if self.nothing_to_do:
             speed = ""
-        elif self.bytes_read != t["bytes_in"]:  # resumed: part of the input was sharded by an earlier run
+        elif self.bytes_read < t["bytes_in"]:  # resumed: part of the input was sharded by an earlier run
             speed = f" ({self.bytes_read / 1e6:,.1f} MB of it read by this run, {rate:,.1f} MB/s)"
         else:
             speed = f" ({rate:,.1f} MB/s)"

@@ -404,7 +404,13 @@ def _train_sentencepiece(
             )
     except RuntimeError as exc:
         hint = ""
-        if "required_chars" in str(exc) or "vocab_size" in str(exc):
+        if needed := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(exc)):
+            # Every character kept by --character-coverage needs its own piece, plus the control symbols.
+            hint = (
+                f" (the sample has {needed[1]} pieces that must be in the vocabulary: raise --vocab-size "
+                "above that, or lower --character-coverage to keep fewer rare characters)"
+            )
+        elif "vocab_size" in str(exc):
             hint = " (raise --vocab-size or lower --character-coverage, e.g. 0.99 for Chinese text)"
         raise ValueError(f"SentencePiece training failed: {exc}{hint}") from exc
     return model.getvalue()

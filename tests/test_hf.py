@@ -4,6 +4,8 @@ loads in stock transformers (no custom code) with the same logits, for every emb
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -175,6 +177,16 @@ def test_export_sharded_and_bf16(tmp_path):
         # bf16 rounding of the weights only: the two loaders see the same numbers.
         assert (hf(x).logits - back(x).logits).abs().max() <= 1e-4
         assert (ours(x).logits - back(x).logits).abs().max() <= 5e-2
+
+
+def test_export_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = export_hf(Llama(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=1, n_heads=4)), tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's 0700: other users can read the export
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
 
 
 def test_export_copies_tokenizer_and_special_ids(tmp_path):

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -416,6 +417,27 @@ def test_cli_bad_input_gives_clear_errors(synthetic_shards, tmp_path):
     vocab = json.loads((small / SUMMARY_FILE).read_text())["vocab_size"]
     assert vocab == Tokenizer.load(small).vocab_size < 5000
     assert f"warning: the sample only supports {vocab:,} pieces of the 5,000 asked for" in result.stderr
+    # Too small for the characters the sample needs: the error says how many pieces are needed.
+    many_chars = tmp_path / "chars"
+    many_chars.mkdir()
+    write_shard(
+        many_chars / "part-c-0.jsonl.zst",
+        ["".join(chr(0x4E00 + i * 7 + j) for j in range(7)) for i in range(80)],
+    )
+    result = _cli(
+        "--input",
+        str(many_chars),
+        "--vocab-size",
+        "400",
+        "--output-dir",
+        str(tmp_path / "c"),
+        "--character-coverage",
+        "1.0",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: SentencePiece training failed")
+    needed = int(re.search(r"the sample has (\d+) pieces that must be in the vocabulary", result.stderr)[1])
+    assert needed > 400 and "raise --vocab-size above that" in result.stderr
 
 
 def _peak_rss_of_training(tmp_path: Path, n_copies: int, shard: Path) -> int:

@@ -36,6 +36,8 @@ def build_accelerator(train: TrainConfig) -> Accelerator:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         if use_deepspeed:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.cuda.is_available():
+        _warn_if_cpu_threads_idle()
     return Accelerator(
         # cpu=True makes accelerate treat the processes as CPU data parallel (DDP over gloo).
         cpu=cpu_processes and not use_deepspeed,
@@ -46,6 +48,24 @@ def build_accelerator(train: TrainConfig) -> Accelerator:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
+
+
+def _warn_if_cpu_threads_idle() -> None:
+    """Say when CPU training leaves cores idle: `accelerate launch` sets OMP_NUM_THREADS=1 for a torchrun
+    launch unless it is given --num_cpu_threads_per_process, which halves a 2-core machine's speed."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    fair_share = max(1, cores // local_processes)
+    if torch.get_num_threads() < fair_share and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        log.warning(
+            "torch uses %d thread(s) per process on %d cores for %d process(es) (OMP_NUM_THREADS=%s); "
+            "for full speed pass --num_cpu_threads_per_process %d to accelerate launch",
+            torch.get_num_threads(),
+            cores,
+            local_processes,
+            os.environ.get("OMP_NUM_THREADS", "unset"),
+            fair_share,
+        )
 
 
 def configure_deepspeed(

@@ -123,7 +123,9 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         if self.bar is not None and bar:
-            self.bar.set_postfix(bar, refresh=False)
+            # Redraw now: the bar already advanced to this step, and without a redraw it would show this
+            # step's number with the previous record's figures until the next step.
+            self.bar.set_postfix(bar, refresh=True)
         if self.wandb is not None:
             try:
                 self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

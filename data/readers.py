@@ -263,7 +263,10 @@ def iter_json_array(path: str | Path, skip: int = 0) -> Iterator[Record]:
             yield Record(number, value, nbytes, bad_utf8)
     except ijson.JSONError as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: malformed JSON array after item {number} ({detail})") from exc
+        hint = ""
+        if number <= 1 and "trailing garbage" in detail:  # `{...}` then more: one object per line
+            hint = "; one JSON object per line is JSON Lines: use --format jsonl (or pile)"
+        raise InputError(f"{path}: malformed JSON array after item {number} ({detail}){hint}") from exc
 
 
 def iter_parquet(path: str | Path, skip: int = 0, tmp_dir: str | Path | None = None) -> Iterator[Record]:

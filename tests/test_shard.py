@@ -273,6 +273,7 @@ def test_truncated_compressed_input(tmp_path, compress):
     texts = [d["text"] for d in read_docs(tmp_path / "out")]
     assert texts == [r["text"] for r in records[: len(texts)]]  # complete records only, in order
     assert len(texts) < 400
+    assert entry["error"].endswith(f"({len(texts):,} records before it were read and kept)")
 
     result = run_cli(str(cut), "--output-dir", str(tmp_path / "cli"), "--no-progress")
     assert result.returncode == 3 and str(cut) in result.stderr and "Traceback" not in result.stderr
@@ -493,3 +494,10 @@ def test_json_array_that_breaks_off(tmp_path):
     assert entry["status"] == "error" and entry["error"].startswith(
         f"{src}: malformed JSON array after item 2"
     )
+
+
+def test_json_lines_read_as_a_json_array_says_which_format_it_is(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", pile_docs(3))
+    summary = shard_inputs([src], tmp_path / "out", fmt="wudao")
+    [entry] = summary.manifest["inputs"]
+    assert entry["status"] == "error" and "use --format jsonl (or pile)" in entry["error"]

@@ -234,27 +234,26 @@ def make_pile_part(records: list[dict]) -> bytes:
     return zstandard.ZstdCompressor(level=3).compress(data)
 
 
+def run_pile_script(out_dir: str, cwd: Path | None = None, **env_vars: str) -> list[str]:
+    """`bash data/download_the_pile.sh OUT_DIR` with these variables; the texts of the shards it made."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"} | {"SHARD_WORKERS": "1", **env_vars}
+    script = REPO / "data" / "download_the_pile.sh"
+    result = subprocess.run(
+        ["bash", str(script), out_dir], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    shards = sorted((Path(cwd or ".") / out_dir / "shards").glob("part-pile-*.jsonl.zst"))
+    return [r["text"] for p in shards for r in iter_shard_records(p)]
+
+
 def test_download_the_pile_script(server, tmp_path):
     """The user's command end to end: parts from PILE_BASE_URL/PILE_PARTS, then shards."""
     for part in ("00", "01"):
         docs = [{"text": f"part {part} doc {i}", "meta": {"pile_set_name": "Test"}} for i in range(30)]
         server.files[f"/pile/train/{part}.jsonl.zst"] = make_pile_part(docs)
-    env = {
-        **os.environ,
-        "PILE_BASE_URL": f"{server.url}/pile/train/",
-        "PILE_PARTS": "00 01",
-        "SHARD_WORKERS": "1",
-    }
-    result = subprocess.run(
-        ["bash", str(REPO / "data" / "download_the_pile.sh"), str(tmp_path / "pile")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    texts = run_pile_script(
+        str(tmp_path / "pile"), PILE_BASE_URL=f"{server.url}/pile/train/", PILE_PARTS="00 01"
     )
-    assert result.returncode == 0, result.stderr
-    shards = sorted((tmp_path / "pile" / "shards").glob("part-pile-*.jsonl.zst"))
-    texts = [r["text"] for p in shards for r in iter_shard_records(p)]
     assert len(texts) == 60 and texts[0] == "part 00 doc 0"
     assert (
         json.loads((tmp_path / "pile" / "shards" / "manifest.json").read_text())["totals"]["documents"] == 60
@@ -267,19 +266,8 @@ def test_download_the_pile_script_from_elsewhere_with_a_local_mirror_folder(tmp_
     mirror.mkdir()
     docs = [{"text": f"local doc {i}", "meta": {"pile_set_name": "Test"}} for i in range(5)]
     (mirror / "07.jsonl.zst").write_bytes(make_pile_part(docs))
-    env = {**os.environ, "PILE_BASE_URL": "mirror", "PILE_PARTS": "07", "SHARD_WORKERS": "1"}
-    env.pop("PYTHON", None)
-    result = subprocess.run(
-        ["bash", str(REPO / "data" / "download_the_pile.sh"), "out"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    shards = sorted((tmp_path / "out" / "shards").glob("part-pile-*.jsonl.zst"))
-    assert [r["text"] for p in shards for r in iter_shard_records(p)] == [d["text"] for d in docs]
+    texts = run_pile_script("out", cwd=tmp_path, PILE_BASE_URL="mirror", PILE_PARTS="07")
+    assert texts == [d["text"] for d in docs]
 
 
 def wudao_json(n: int) -> bytes:

@@ -191,7 +191,10 @@ def run_one(
         return {"status": "skipped", "reason": "torch's flex attention has no backward on the CPU"}
     missing = [pip for module, pip in config.needs() if importlib.util.find_spec(module) is None]
     if missing and not smoke:  # the smoke run exercises the fallbacks instead
-        return {"status": "skipped", "reason": f"{', '.join(missing)} not installed ({GPU_EXTRAS_HINT})"}
+        from models.attention import FlashAttnBackend
+
+        hint = FlashAttnBackend.install if missing == ["flash-attn"] else GPU_EXTRAS_HINT
+        return {"status": "skipped", "reason": f"{', '.join(missing)} not installed ({hint})"}
     notes = []
     model = build_model(config, preset, vocab_size, seq_len, device)
     unavailable = getattr(getattr(model, "attention_backend", None), "unavailable", None)

@@ -199,6 +199,7 @@ class PackageBackend(AttentionBackend):
 
     module: str  # the import name
     package: str  # the pip name
+    install: str = GPU_EXTRAS_HINT  # how to install it
     device_types: tuple[str, ...] = ("cuda",)  # where the kernels run
 
     def __init__(self) -> None:
@@ -208,7 +209,7 @@ class PackageBackend(AttentionBackend):
         try:
             self.kernels = importlib.import_module(self.module)
         except Exception as e:  # missing, or built against another torch / CUDA
-            self.unavailable = f"the {self.package} package cannot be imported ({e}; {GPU_EXTRAS_HINT})"
+            self.unavailable = f"the {self.package} package cannot be imported ({e}; {self.install})"
 
     def prepare(
         self, *, q_len: int, kv_len: int, document_ids: torch.Tensor | None, device: torch.device
@@ -259,6 +260,8 @@ class FlashAttnBackend(PackageBackend):
     """FlashAttention-2 (flash_attn package, optional; fp16/bf16 on CUDA); varlen kernel for packed documents."""
 
     name, module, package = "flash_attn", "flash_attn", "flash-attn"
+    # Not in requirements-gpu.txt: PyPI has only its source, which builds for an hour or more (docs/gpu.md).
+    install = 'pip install "flash-attn>=2.7,<3" --no-build-isolation'
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:
         b, hq, t, d = q.shape

@@ -16,6 +16,7 @@ once there is one.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -199,8 +200,6 @@ def step_samples(steps: list[Step], hf_dir: Path) -> None:
 
 
 def main() -> int:
-    import argparse
-
     # No options: the environment variables above steer it. --help says so instead of starting the demo.
     argparse.ArgumentParser(
         prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

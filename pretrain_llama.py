@@ -114,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain_llama.py: error: {exc}", file=sys.stderr)
         return 1
     except ShardError as exc:
-        # From a DataLoader worker the message carries the worker's traceback: its last line is the error.
-        message = [line for line in str(exc).splitlines() if line.strip()][-1].split("ShardError: ", 1)[-1]
+        # The loader's worker processes hand the exception over as it was raised (concurrent.futures),
+        # so its message is the shard's file:line and what is wrong there.
         print(
-            f"pretrain_llama.py: error: a shard cannot be read: {message}\n"
+            f"pretrain_llama.py: error: a shard cannot be read: {exc}\n"
             "Fix or remove that shard, then continue from the last checkpoint with --resume auto.",
             file=sys.stderr,
         )

@@ -42,7 +42,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python bench/train_gpu.py` from a fresh clone, without `pip install -e .`
 
 RESULT_PREFIX = "TRAIN_GPU_RESULT "
-GPU_EXTRAS_HINT = "pip install -r requirements-gpu.txt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,10 +190,13 @@ def run_one(
         return {"status": "skipped", "reason": "torch's flex attention has no backward on the CPU"}
     missing = [pip for module, pip in config.needs() if importlib.util.find_spec(module) is None]
     if missing and not smoke:  # the smoke run exercises the fallbacks instead
-        from models.attention import FlashAttnBackend
+        from models.attention import FlashAttnBackend  # flash-attn is not in requirements-gpu.txt
+        from models.kernels import GPU_EXTRAS_HINT
 
-        hint = FlashAttnBackend.install if missing == ["flash-attn"] else GPU_EXTRAS_HINT
-        return {"status": "skipped", "reason": f"{', '.join(missing)} not installed ({hint})"}
+        hints = sorted(
+            {FlashAttnBackend.install if pip == "flash-attn" else GPU_EXTRAS_HINT for pip in missing}
+        )
+        return {"status": "skipped", "reason": f"{', '.join(missing)} not installed ({'; '.join(hints)})"}
     notes = []
     model = build_model(config, preset, vocab_size, seq_len, device)
     unavailable = getattr(getattr(model, "attention_backend", None), "unavailable", None)

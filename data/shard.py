@@ -441,8 +441,11 @@ def shard_one_input(task: _Task, progress: Callable[[int, int], None] | None = N
             raise
         # The documents read before the error are complete records (never a partial last one):
         # they are kept, and the input is reported as failed.
-        kept = stats["records"] + delta["records"]
-        state["status"], state["error"] = "error", f"{exc} ({kept:,} records before it were read and kept)"
+        read = stats["records"] + delta["records"]
+        state["status"], state["error"] = (
+            "error",
+            f"{exc} (the {read:,} records before it were read and kept)",
+        )
     if writer is not None:
         finish_shard()
     for key in STAT_KEYS:

@@ -16,7 +16,6 @@ that decode(encode(x)) == x; control symbols <s> </s> <pad> and the chat role to
 from __future__ import annotations
 
 import argparse
-import contextlib
 import heapq
 import io
 import os
@@ -35,7 +34,6 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 import orjson
 import sentencepiece as spm
-from tqdm import tqdm
 
 from data.progress import ticking
 from data.shard_io import ShardError, expand_shard_paths, iter_shard_records
@@ -368,39 +366,17 @@ def _train_sentencepiece(
     documents: list[bytes], options: dict, *, seed: int, verbose: bool, progress: bool
 ) -> bytes:
     """Run SentencePiece's trainer on the sampled `documents` (emptied as they are fed); returns the
-    serialized model.
-
-    With `progress`, a bar follows the bytes fed to SentencePiece, then an elapsed-time line its
-    training, which reports nothing of its own below its verbose log level.
-    """
+    serialized model. With `progress`, an elapsed-time line runs meanwhile: below its verbose log level
+    SentencePiece reports nothing of its own."""
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
-    feeding = tqdm(
-        total=sum(map(len, documents)),
-        desc="SentencePiece: reading the sample",
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
-    training = contextlib.ExitStack()
-
-    def sentences() -> Iterator[str]:
-        for sentence in iter_sentences(documents):
-            feeding.update(len(sentence.encode()))
-            yield sentence
-        feeding.close()  # SentencePiece has every sentence: its training starts now
-        training.enter_context(
-            ticking(f"SentencePiece: training (vocab {options['vocab_size']:,})", progress)
-        )
-
     try:
-        with training:
+        with ticking(f"SentencePiece: training (vocab {options['vocab_size']:,})", progress):
             spm.SentencePieceTrainer.train(
-                sentence_iterator=sentences(), model_writer=model, minloglevel=0 if verbose else 2, **options
+                sentence_iterator=iter_sentences(documents),
+                model_writer=model,
+                minloglevel=0 if verbose else 2,
+                **options,
             )
     except RuntimeError as exc:
         hint = ""

@@ -273,7 +273,7 @@ def test_truncated_compressed_input(tmp_path, compress):
     texts = [d["text"] for d in read_docs(tmp_path / "out")]
     assert texts == [r["text"] for r in records[: len(texts)]]  # complete records only, in order
     assert len(texts) < 400
-    assert entry["error"].endswith(f"({len(texts):,} records before it were read and kept)")
+    assert entry["error"].endswith(f"(the {len(texts):,} records before it were read and kept)")
 
     result = run_cli(str(cut), "--output-dir", str(tmp_path / "cli"), "--no-progress")
     assert result.returncode == 3 and str(cut) in result.stderr and "Traceback" not in result.stderr

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data.files import write_atomic
 from data.progress import ticking
 
 REPO = Path(__file__).resolve().parent
@@ -80,9 +81,7 @@ def read_stamp(stamp: Path) -> dict | None:
 
 def write_stamp(stamp: Path, inputs: dict) -> None:
     stamp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
-    tmp.replace(stamp)
+    write_atomic(stamp, json.dumps(inputs, indent=1, sort_keys=True) + "\n")
 
 
 def step_corpus(steps: list[Step]) -> list[Path]:

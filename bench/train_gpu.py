@@ -482,12 +482,6 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def parse_batch_sizes(values: list[str]) -> dict[str, int]:
     sizes = dict(DEFAULT_BATCH)
     for value in values:
@@ -560,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (3 if smoke else 20)
     compile_backend = args.compile_backend or ("aot_eager" if smoke else "inductor")
     isolate = (not smoke) if args.isolate is None else args.isolate
+    from data.files import write_atomic
     from models.llama import PRESETS
 
     bad = [p for p in presets if p not in PRESETS]

@@ -48,6 +48,7 @@ if __package__ in (None, ""):  # run as `python data/shard.py`: make the reposit
 import orjson
 import zstandard
 
+from data.files import write_atomic
 from data.readers import (
     DATA_SUFFIXES,
     FILE_FORMATS,
@@ -161,12 +162,6 @@ class ShardSummary:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -363,7 +358,7 @@ def shard_one_input(task: _Task, progress: Callable[[int, int], None] | None = N
         nonlocal writer, shard_index, delta, delta_examples, hashes
         name = _work_name(task.index, shard_index)
         if opts.dedup:
-            _write_atomic(work / f"{name}.hashes", b"".join(hashes))
+            write_atomic(work / f"{name}.hashes", b"".join(hashes))
         info = writer.finish()
         meta = {
             **info,
@@ -373,7 +368,7 @@ def shard_one_input(task: _Task, progress: Callable[[int, int], None] | None = N
             "examples": delta_examples,
         }
         # The metadata is written last: its presence means the shard is complete.
-        _write_atomic(work / f"{name}.json", orjson.dumps(meta))
+        write_atomic(work / f"{name}.json", orjson.dumps(meta))
         for key in STAT_KEYS:
             stats[key] += delta[key]
         examples.extend(delta_examples)
@@ -463,7 +458,7 @@ def shard_one_input(task: _Task, progress: Callable[[int, int], None] | None = N
         )
     state.update(source=source or derive_source("generic", task.path), shards=shard_index, stats=stats)
     state["examples"] = examples[:MAX_EXAMPLES]
-    _write_atomic(done_path, orjson.dumps(state))
+    write_atomic(done_path, orjson.dumps(state))
     return state
 
 
@@ -516,14 +511,14 @@ def finalise_shards(inputs: list[dict], output_dir: Path, state_dir: Path, dedup
                         work / f"{work_name}.jsonl.zst", output_dir / f".{name}.building", drop
                     )
                     info["dropped"] = len(drop)
-                    _write_atomic(final_state / f"{name}.json", orjson.dumps(info))
+                    write_atomic(final_state / f"{name}.json", orjson.dumps(info))
                     if info["lines"]:
                         _delay()
                         os.replace(output_dir / f".{name}.building", output_dir / name)
                 else:
                     work_info = _read_json(work / f"{work_name}.json")
                     info = {k: work_info[k] for k in ("lines", "bytes", "sha256")} | {"dropped": 0}
-                    _write_atomic(final_state / f"{name}.json", orjson.dumps(info))
+                    write_atomic(final_state / f"{name}.json", orjson.dumps(info))
                     _delay()
                     os.replace(work / f"{work_name}.jsonl.zst", output_dir / name)
             seen.update(hashes)
@@ -683,7 +678,7 @@ def shard_inputs(
             )
         for sub in ("work", "inputs", "final"):
             (state_dir / sub).mkdir(parents=True, exist_ok=True)
-        _write_atomic(state_dir / "config.json", orjson.dumps(config))
+        write_atomic(state_dir / "config.json", orjson.dumps(config))
 
     tasks = [_Task(i, path, options, state_dir) for i, path in enumerate(paths)]
     try:
@@ -715,7 +710,7 @@ def shard_inputs(
         "inputs": input_entries,
         "shards": shards,
     }
-    _write_atomic(manifest_path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+    write_atomic(manifest_path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
     shutil.rmtree(state_dir, ignore_errors=True)
     return ShardSummary(output_dir, manifest, time.perf_counter() - started, bytes_read=bytes_read)
 

@@ -16,13 +16,13 @@ text, because SentencePiece never matches control symbols in its input. It is al
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from data.files import write_atomic
 from dataset.chat_template import CHAT_TEMPLATE, ROLE_TOKENS
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -202,13 +202,7 @@ def write_hf_files(tokdir: str | Path, *, model_max_length: int = DEFAULT_MODEL_
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     }
-    _write_atomic(tokdir / "tokenizer.json", hf_tokenizer.to_str(pretty=False))
-    _write_atomic(tokdir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(tokdir / "tokenizer.json", hf_tokenizer.to_str(pretty=False))
+    write_atomic(tokdir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     special_map = {**special_tokens, "additional_special_tokens": roles}
-    _write_atomic(tokdir / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(tokdir / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from data.files import write_atomic
 from training.config import save_config
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class Checkpointer:
             if final_dir.exists():  # re-saving a step after a resume from an earlier one
                 shutil.rmtree(final_dir)
             os.replace(tmp_dir, final_dir)
-            _write_atomic(self.dir / LATEST, final_dir.name + "\n")
+            write_atomic(self.dir / LATEST, final_dir.name + "\n")
             self._prune()
             log.info("saved checkpoint %s", final_dir)
         acc.wait_for_everyone()
@@ -208,12 +209,3 @@ def all_ranks_true(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     t = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
     return accelerator.reduce(t, reduction="sum").item() == 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

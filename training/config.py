@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from data.files import write_atomic
+
 T = TypeVar("T")
 
 
@@ -92,10 +94,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

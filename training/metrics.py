@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from data.files import write_atomic
 from training.config import LoggingConfig
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,7 @@ class MetricsLogger:
         kept = [
             line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
         ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def advance(self, n: int = 1) -> None:
         """Move the progress bar by `n` steps."""

@@ -1,13 +1,20 @@
 """Fused-kernel switches (models/kernels.py): every fast path and fallback agrees with the reference path.
 
-On CPU the Liger Kernel paths are skipped with a reason (they are Triton GPU kernels) and the switches are
-checked to fall back with one log line each; the chunked cross-entropy and compile-per-block run everywhere.
+On CPU the Liger Kernel tests that need CUDA are skipped with a reason (they are Triton GPU kernels), the
+switches are checked to fall back with one log line each, and Liger's kernels run through Triton's CPU
+interpreter instead (tests/liger_interpreted.py); the chunked cross-entropy and compile-per-block run
+everywhere.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,6 +346,30 @@ def test_liger_rotary_matches_reference_layout():
     got = fast.rotary(q.clone(), k.clone(), emb.cos(), emb.sin())
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+MISSING_FOR_INTERPRETER = [
+    name for name in ("triton", "liger_kernel") if importlib.util.find_spec(name) is None
+]
+
+
+@pytest.mark.skipif(
+    bool(MISSING_FOR_INTERPRETER),
+    reason=f"{' and '.join(MISSING_FOR_INTERPRETER)} not installed (requirements.txt)",
+)
+def test_liger_kernels_run_by_tritons_interpreter():
+    """Liger's real kernels on CPU tensors (tests/liger_interpreted.py), in a child with TRITON_INTERPRET=1."""
+    checks = Path(__file__).with_name("liger_interpreted.py")
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(checks)],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=checks.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+    assert "6 passed" in child.stdout, child.stdout[-3000:]  # every check ran, none skipped
 
 
 def test_shift_labels_drops_the_first_label_and_ignores_the_last_position():

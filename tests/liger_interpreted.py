@@ -5,7 +5,7 @@ runs this file in a child pytest process with `TRITON_INTERPRET=1`, because Trit
 a kernel is defined (at import) and because two gaps of its interpreter need patching
 (`_teach_the_interpreter_liger`), which should not leak into other tests. With the variable, Triton executes
 a kernel's Python source on CPU tensors instead of compiling it for a GPU, so the same Liger code that runs
-on CUDA runs here, forward and backward, in float32.
+on CUDA runs here, forward and backward, in float32 and (except SwiGLU) under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -90,3 +90,28 @@ def test_liger_rotary_takes_transformers_layout_with_grouped_keys():
     )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# Not fused_swiglu: its inputs are the bf16 outputs of the gate and up projections, and this interpreter
+# multiplies two bf16 values wrongly (it holds bf16 as raw 16-bit integers: bf16 2 x 2 gives 0). The norm,
+# RoPE and loss kernels get float32 activations under autocast (the residual stream stays float32) or load
+# bf16 values into float32 before computing, so they run correctly here.
+@pytest.mark.parametrize("switch", ["fused_norm", "fused_rope", "fused_cross_entropy"])
+def test_liger_switch_under_bf16_autocast_is_as_accurate_as_the_reference(switch):
+    """Under bf16 both paths round differently (Liger's RoPE, like transformers', rounds cos/sin to bf16),
+    and sharp attention amplifies rounding to several percent of a gradient; so each is compared with the
+    float32 result, and Liger's error may be at most twice the reference path's (a wrong kernel is off by
+    ~100%)."""
+    reference, fast = twin(SHARP, **{switch: SWITCHES[switch]})
+    _, exact = twin(SHARP)
+    ids = torch.randint(0, SHARP.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    exact(ids, labels=ids).loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference(ids, labels=ids).loss
+        got = fast(ids, labels=ids).loss
+    want.backward(), got.backward()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    for (name, truth), p, q in zip(exact.named_parameters(), reference.parameters(), fast.parameters()):
+        reference_error = (p.grad - truth.grad).norm() / truth.grad.norm()
+        liger_error = (q.grad - truth.grad).norm() / truth.grad.norm()
+        assert liger_error <= 2 * reference_error + 1e-3, (name, liger_error.item(), reference_error.item())

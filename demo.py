@@ -29,8 +29,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.files import write_atomic
-from data.progress import ticking
+from common.files import write_atomic
+from common.progress import ticking
 
 REPO = Path(__file__).resolve().parent
 FAST = os.environ.get("DEMO_FAST", "0") not in ("", "0")

@@ -69,7 +69,8 @@ def train_run(shards: Path, out: Path, vocab_size: int, sample_bytes: str) -> di
 SENTENCEPIECE_ALONE = """
 import json, sys, time
 import sentencepiece as spm
-from dataset.train_tokenizer import peak_rss_bytes, sentencepiece_options
+from common.memory import peak_rss_bytes
+from dataset.train_tokenizer import sentencepiece_options
 options = sentencepiece_options(int(sys.argv[2]), normalization="identity", character_coverage=0.9995,
                                 num_threads=int(sys.argv[3]))
 start = time.perf_counter()

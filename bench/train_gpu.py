@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (3 if smoke else 20)
     compile_backend = args.compile_backend or ("aot_eager" if smoke else "inductor")
     isolate = (not smoke) if args.isolate is None else args.isolate
-    from data.files import write_atomic
+    from common.files import write_atomic
     from models.llama import PRESETS
 
     bad = [p for p in presets if p not in PRESETS]

@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as `python data/shard.py`: make the reposit
 import orjson
 import zstandard
 
-from data.files import write_atomic
+from common.files import write_atomic
 from data.readers import (
     DATA_SUFFIXES,
     FILE_FORMATS,

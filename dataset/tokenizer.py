@@ -22,7 +22,7 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from data.files import write_atomic
+from common.files import write_atomic
 from dataset.chat_template import CHAT_TEMPLATE, ROLE_TOKENS
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"

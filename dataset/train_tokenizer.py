@@ -21,7 +21,6 @@ import io
 import os
 import random
 import re
-import resource
 import shutil
 import sys
 import time
@@ -35,7 +34,9 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 import orjson
 import sentencepiece as spm
 
-from data.progress import ticking
+from common.files import replace_dir
+from common.memory import peak_rss_bytes
+from common.progress import ticking
 from data.shard_io import ShardError, expand_shard_paths, iter_shard_records
 from dataset.tokenizer import (
     BOS,
@@ -245,22 +246,6 @@ def sentencepiece_options(
     }
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far.
-
-    Linux's VmHWM belongs to the process image, whereas ru_maxrss survives exec and would report the
-    parent's peak for a freshly started `python` (e.g. a subprocess of a large test runner).
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kilobytes
-
 
 def train_tokenizer(
     input_patterns: list[str] | str,
@@ -356,7 +341,7 @@ def train_tokenizer(
         "sentencepiece_options": options,
     }
     (tmp_dir / SUMMARY_FILE).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    _replace_dir(tmp_dir, output_dir)
+    replace_dir(tmp_dir, output_dir)
     if log:
         log(format_summary(summary, output_dir))
     return output_dir
@@ -410,16 +395,6 @@ def _check_writable(output_dir: Path) -> None:
     except OSError as exc:
         raise OSError(f"cannot write --output-dir {output_dir}: {exc.strerror or exc}") from None
 
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished folder `new` to `target`, replacing an older tokenizer folder there."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
 
 
 def format_summary(summary: dict, output_dir: Path) -> str:

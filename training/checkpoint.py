@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from data.files import write_atomic
+from common.files import write_atomic
 from training.config import save_config
 
 log = logging.getLogger(__name__)

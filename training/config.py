@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from data.files import write_atomic
+from common.files import write_atomic
 
 T = TypeVar("T")
 

@@ -28,12 +28,13 @@ import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 from torch import nn
 
+from common.memory import peak_memory_gib
 from models.kernels import compile_model
 from training.checkpoint import Checkpointer
 from training.config import LoggingConfig, OptimConfig, TrainConfig, config_to_dict, save_config
 from training.distributed import configure_deepspeed
 from training.evaluation import CountFn, LossFn, Sampler, Validator
-from training.metrics import MetricsLogger, memory_gib, peak_flops_per_device
+from training.metrics import MetricsLogger, peak_flops_per_device
 from training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def train(
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu,
-                "memory_gib": memory_gib(acc.device),
+                "memory_gib": peak_memory_gib(acc.device),
                 "tokens_seen": state["tokens_seen"],
                 "nonfinite_steps": state["nonfinite_steps"],
             }

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data.files import write_atomic
+from common.files import write_atomic
 from training.config import LoggingConfig
 
 log = logging.getLogger(__name__)
@@ -64,13 +62,6 @@ def peak_flops_per_device(device: torch.device, override: float | None = None) -
     log.warning("no peak-FLOPs entry for %r: MFU shows n/a (set --train.peak_flops)", name)
     return None
 
-
-def memory_gib(device: torch.device) -> float:
-    """Peak accelerator memory (GPU) or peak resident set size of this process (CPU), in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 class MetricsLogger:

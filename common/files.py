@@ -1,0 +1,35 @@
+"""Atomic writes, the one way the project writes a file or folder that a reader or a resumed job relies on:
+a reader, or a run restarted after kill -9 or a power cut, sees the old content or the new, never half."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write `data` (str as UTF-8) to a temporary file beside `path`, flush it to disk, rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks never share a temp file
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def replace_dir(new: str | Path, target: str | Path) -> None:
+    """Move the finished folder `new` to `target`, replacing a folder already there.
+
+    The old folder is renamed aside first and removed only once `new` is in place, so a kill at any moment
+    leaves either the old or the new folder at `target` (and at worst a `.NAME.old-PID` folder beside it).
+    """
+    new, target = Path(new), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old)

@@ -246,7 +246,6 @@ def sentencepiece_options(
     }
 
 
-
 def train_tokenizer(
     input_patterns: list[str] | str,
     vocab_size: int,
@@ -394,7 +393,6 @@ def _check_writable(output_dir: Path) -> None:
         probe.rmdir()
     except OSError as exc:
         raise OSError(f"cannot write --output-dir {output_dir}: {exc.strerror or exc}") from None
-
 
 
 def format_summary(summary: dict, output_dir: Path) -> str:

@@ -63,7 +63,6 @@ def peak_flops_per_device(device: torch.device, override: float | None = None) -
     return None
 
 
-
 class MetricsLogger:
     """Writes metric records (dicts with a 'step') to the bar, metrics.jsonl and wandb (main process)."""
 

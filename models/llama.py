@@ -128,11 +128,16 @@ class ModelConfig:
             )
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A named preset (tiny, 125m, 350m, 1b, 7b) with any field overridden, e.g. vocab_size."""
+    def preset_fields(cls, name: str) -> dict[str, Any]:
+        """The fields a named preset (tiny, 125m, 350m, 1b, 7b) sets; the others keep their defaults."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        return dict(PRESETS[name])
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset with any field overridden, e.g. vocab_size."""
+        return cls.from_dict({**cls.preset_fields(name), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

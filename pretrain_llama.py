@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from common.config import ConfigError, parse_config
 from data.shard_io import ShardError
 from dataset.pretrain_dataset import (
     PretrainDataConfig,
@@ -27,9 +28,11 @@ from dataset.tokenizer import Tokenizer
 from models.hf import export_hf
 from models.llama import Llama, ModelConfig
 from training.checkpoint import CheckpointError
-from training.config import ConfigError, LoggingConfig, OptimConfig, TrainConfig, parse_config
+from training.config import LoggingConfig, OptimConfig, TrainConfig
 from training.distributed import build_accelerator
+from training.evaluation import Sampler
 from training.loop import NonFiniteLossError, seed_everything, train
+from training.objectives import CausalLMObjective
 
 
 @dataclasses.dataclass
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     seed_everything(config.train.seed)  # the same initial weights on every rank
-    model = Llama(config.model)
+    model = Llama(config.model, config.train.run_options())
     if accelerator.is_main_process:
         print(
             f"model: {model.num_parameters():,} parameters; {world} process(es) x "
@@ -92,22 +95,27 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def export(state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        with torch.device("meta"):
-            final = Llama(config.model)
-        final.load_state_dict(state_dict, strict=False, assign=True)
-        final.tie_weights()
-        final.rotary.reset_buffers("cpu")
-        export_hf(final, out_dir, tokenizer_dir=config.data.tokenizer)
+        export_hf(
+            Llama.from_state_dict(config.model, state_dict), out_dir, tokenizer_dir=config.data.tokenizer
+        )
         print(f"exported the final model in Hugging Face format to {out_dir}", flush=True)
 
     try:
         result = train(
             model,
             train_data,
+            CausalLMObjective(),
             config=config,
             accelerator=accelerator,
             val_data=val_data,
-            tokenizer=tokenizer,
+            sampler=Sampler(
+                config.logging.sample_prompts,
+                encode=lambda prompt: tokenizer.encode(prompt, bos=True),
+                decode=tokenizer.decode,
+                stop_token_ids=[tokenizer.eos_id],
+                every=config.logging.sample_every,
+                max_new_tokens=config.logging.sample_max_new_tokens,
+            ),
             export=export,
         )
     except (NonFiniteLossError, CheckpointError) as exc:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,10 +38,12 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from common.config import parse_config
+    from common.memory import peak_rss_bytes
     from pretrain_llama import PretrainConfig
-    from training.config import parse_config
     from training.distributed import build_accelerator
     from training.loop import train
+    from training.objectives import CausalLMObjective
 
     config = parse_config(PretrainConfig, ["--config", args.config])
     # Identical math on both sides: transformers has no embedding LayerNorm (BLOOM's stable embedding).
@@ -66,18 +67,30 @@ def worker(args: argparse.Namespace) -> None:
 
     cpu_at_batch: list[float] = []  # process CPU time when each batch is drawn, i.e. as each step starts
 
-    def batches():
-        g = torch.Generator().manual_seed(0)
-        while True:
-            ids = torch.randint(0, args.vocab_size, (batch, seq), generator=g)
-            cpu_at_batch.append(time.process_time())
-            yield {"input_ids": ids, "labels": ids.clone()}
+    class RandomBatches:
+        """Random token rows, as a TrainingData stream (nothing to resume, nothing to count)."""
+
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            while True:
+                ids = torch.randint(0, args.vocab_size, (batch, seq), generator=g)
+                cpu_at_batch.append(time.process_time())
+                yield {"input_ids": ids, "labels": ids.clone()}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+        def counters(self):
+            return {}
 
     torch.manual_seed(config.train.seed)
     if args.impl == "ours":
         from models.llama import Llama
 
-        model = Llama(config.model)
+        model = Llama(config.model, config.train.run_options())
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -88,11 +101,11 @@ def worker(args: argparse.Namespace) -> None:
         )
         model = LlamaForCausalLM(LlamaConfig(**hf, attn_implementation="sdpa"))
     accelerator = build_accelerator(config.train)
-    train(model, batches(), config=config, accelerator=accelerator)
+    train(model, RandomBatches(), CausalLMObjective(), config=config, accelerator=accelerator)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = records[-1]  # the second window: steps after the warm-up window
     warmup_s = args.steps * batch * seq / records[0]["tokens_per_s"]  # includes compiling with --compile
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # MiB (Linux reports KiB)
+    peak_rss = peak_rss_bytes() / 2**20
     # CPU time of steps steps+1 .. 2*steps-1 (batch draws bound them; the last step's end has no draw).
     window = cpu_at_batch[2 * args.steps - 1] - cpu_at_batch[args.steps]
     cpu_s_per_1k = window / ((args.steps - 1) * batch * seq) * 1000

@@ -139,12 +139,10 @@ def build_model(config: BenchConfig, preset: str, vocab_size: int, seq_len: int,
     import torch
 
     from models.hf import hf_config_dict
-    from models.llama import Llama, ModelConfig
+    from models.llama import Llama, ModelConfig, RunOptions
 
-    model_config = ModelConfig.from_preset(
-        preset,
-        vocab_size=vocab_size,
-        max_seq_len=max(seq_len, 128),
+    model_config = ModelConfig.from_preset(preset, vocab_size=vocab_size, max_seq_len=max(seq_len, 128))
+    options = RunOptions(
         attention_backend=config.attention_backend,
         fused_norm=config.fused_norm,
         fused_rope=config.fused_rope,
@@ -155,7 +153,7 @@ def build_model(config: BenchConfig, preset: str, vocab_size: int, seq_len: int,
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the GPU directly: seconds instead of a minute for 1b
         if config.impl == "ours":
-            return Llama(model_config)
+            return Llama(model_config, options)
         from transformers import LlamaConfig, LlamaForCausalLM
 
         # Same shape; transformers has no stable-embedding LayerNorm, so the baseline does slightly less work.

@@ -19,6 +19,7 @@ with weights_only=True: nothing is ever unpickled) into our Llama, e.g. to conti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common.files import replace_dir
-from models.llama import Llama, ModelConfig
+from models.llama import Llama, ModelConfig, RunOptions
 
 OUR_CONFIG = "open_llama_config.json"
 OUR_EXTRA = "open_llama_extra.safetensors"
@@ -279,15 +280,15 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
 def load_hf(
     path: str | Path,
     *,
+    options: RunOptions | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
-    **config_overrides: Any,
 ) -> Llama:
     """Load a Hugging Face Llama folder (ours or anyone's) into our Llama.
 
     Folders written by export_hf get their exact model back (stable embedding included) from
-    open_llama_config.json; others are read from config.json. config_overrides replace config fields that do
-    not change shapes (e.g. attention_backend="eager", activation_checkpointing=True).
+    open_llama_config.json; others are read from config.json. `options` chooses how the model runs
+    (attention kernel, fused kernels, activation checkpointing): a choice of the caller, not of the folder.
     """
     folder = Path(path)
     config_path = folder / "config.json"
@@ -295,10 +296,12 @@ def load_hf(
         raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
     ours_path = folder / OUR_CONFIG
     if ours_path.is_file():
-        config = ModelConfig.from_dict({**json.loads(ours_path.read_text()), **config_overrides})
+        saved = json.loads(ours_path.read_text())
+        # Exports written before the run options left ModelConfig carried them; they are not architecture.
+        run_options = {f.name for f in dataclasses.fields(RunOptions)}
+        config = ModelConfig.from_dict({k: v for k, v in saved.items() if k not in run_options})
     else:
-        hf_config = config_from_hf(json.loads(config_path.read_text()), str(config_path))
-        config = ModelConfig.from_dict({**hf_config.to_dict(), **config_overrides})
+        config = config_from_hf(json.loads(config_path.read_text()), str(config_path))
 
     tensors = read_hf_tensors(folder)
     tensors = {name: t for name, t in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
@@ -306,22 +309,8 @@ def load_hf(
         tensors.update(load_file(folder / OUR_EXTRA))  # the LayerNorm (and the raw embedding if untied)
         if config.tie_embeddings:  # the exported head holds the original, unfolded embedding
             tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-
-    with torch.device("meta"):
-        model = Llama(config)
-    expected = {
-        name for name in model.state_dict() if not (config.tie_embeddings and name == "lm_head.weight")
-    }
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{folder}: checkpoint does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
-    target_dtype = dtype or torch.get_default_dtype()
-    state = {name: tensors[name].to(device=device, dtype=target_dtype) for name in expected}
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    model.rotary.reset_buffers(device)
-    return model
+    try:
+        dtype = dtype or torch.get_default_dtype()
+        return Llama.from_state_dict(config, tensors, options=options, dtype=dtype, device=device)
+    except ValueError as exc:
+        raise ValueError(f"{folder}: {exc}") from None

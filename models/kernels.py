@@ -6,7 +6,7 @@ replacing each switched-on one with its fast version. A fast version that cannot
 device, Liger Kernel not installed or broken) falls back to the reference with ONE log line per switch
 and process, never an error, so a config written for a GPU cluster still loads on a laptop.
 
-| switch (ModelConfig)  | reference (any device)                | fast path                                        |
+| switch (RunOptions)   | reference (any device)                | fast path                                        |
 |-----------------------|---------------------------------------|--------------------------------------------------|
 | fused_norm            | F.rms_norm                            | Liger's Triton RMSNorm (CUDA)                    |
 | fused_rope            | rotate-half RoPE in PyTorch           | Liger's Triton RoPE: q and k in one kernel (CUDA)|
@@ -38,15 +38,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from common import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
 GPU_EXTRAS_HINT = "pip install -r requirements-gpu.txt"
 CROSS_ENTROPY_CHOICES = ("auto", "none", "chunked", "liger")
-IGNORE_INDEX = -100
 
 
 class KernelSwitches(Protocol):
-    """The config fields `select_kernels` reads (ModelConfig has them)."""
+    """The switches `select_kernels` reads (models.llama.RunOptions has them)."""
 
     fused_norm: bool
     fused_rope: bool

@@ -19,7 +19,8 @@ Parameter names follow transformers' ``LlamaForCausalLM`` (``model.embed_tokens.
 ``model.layers.{i}.self_attn.q_proj.weight``, ..., ``lm_head.weight``) so checkpoints map one to one;
 the stable-embedding LayerNorm (``model.embed_layernorm``) is the only extra module, folded away on export
 (models/hf.py). Attention kernels are chosen once by name in models/attention.py, fused kernels for the
-norm, RoPE, SwiGLU and the loss by the fused_* switches in models/kernels.py.
+norm, RoPE, SwiGLU and the loss by the fused_* switches in models/kernels.py; both are RunOptions,
+chosen per run and never part of the saved ModelConfig.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common import IGNORE_INDEX
 from models.attention import AttentionBackend, get_attention_backend
 from models.kernels import CROSS_ENTROPY_CHOICES, Kernels, chunked_linear_cross_entropy, select_kernels
 
@@ -56,7 +58,9 @@ def llama_intermediate_size(dim: int, multiple_of: int = 256) -> int:
 
 @dataclass
 class ModelConfig:
-    """Shape and options of a Llama model. Every field is a plain value, so it round-trips through YAML/JSON."""
+    """The architecture of a Llama model, and nothing else: what a saved model is. How it runs (kernels,
+    activation checkpointing) is a RunOptions, chosen per run. Every field is a plain value, so it
+    round-trips through YAML/JSON."""
 
     vocab_size: int = 32000
     """Number of token ids; set it from the tokenizer (``Tokenizer.vocab_size``)."""
@@ -85,21 +89,6 @@ class ModelConfig:
     """BLOOM's stable embedding: LayerNorm after the token embedding, Xavier-normal embedding init."""
     tie_embeddings: bool = False
     """PaLM's shared input/output embeddings: the LM head reuses the token embedding matrix."""
-    attention_backend: str = "sdpa"
-    """Attention kernel: sdpa (default), eager (reference), flex, xformers, flash_attn (see models/attention.py)."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
-    fused_norm: bool = False
-    """RMSNorm through Liger Kernel's Triton kernel on CUDA (models/kernels.py); F.rms_norm elsewhere."""
-    fused_rope: bool = False
-    """Rotary embedding of q and k through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
-    fused_swiglu: bool = False
-    """SwiGLU's silu(gate) * up through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
-    fused_cross_entropy: str = "auto"
-    """LM head + loss: none (full logits), chunked (PyTorch, any device) or liger (Liger's fused kernel on
-    CUDA, else chunked). chunked and liger never hold the full logits: with labels, forward returns none.
-    auto: chunked while the model is in training mode (a training step needs only the loss, and the chunked
-    loss is faster and smaller), full logits in eval mode (evaluation and generation see the logits)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation."""
 
@@ -122,10 +111,6 @@ class ModelConfig:
                 raise ValueError(
                     f"rope_scaling type {rope_type!r} is not supported (use 'llama3' or 'linear')"
                 )
-        if self.fused_cross_entropy not in CROSS_ENTROPY_CHOICES:
-            raise ValueError(
-                f"fused_cross_entropy must be one of {CROSS_ENTROPY_CHOICES}, got {self.fused_cross_entropy!r}"
-            )
 
     @classmethod
     def preset_fields(cls, name: str) -> dict[str, Any]:
@@ -150,6 +135,35 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {sorted(valid)}")
         return cls(**d)
+
+
+@dataclass
+class RunOptions:
+    """How a model runs, not what it is: chosen per run (the `train:` section of a run config, or an
+    argument when loading a model) and never saved with the model. None of them changes the math beyond
+    floating-point rounding; each fast path has a fallback and an agreement test."""
+
+    attention_backend: str = "sdpa"
+    """Attention kernel: sdpa (default), eager (reference), flex, xformers, flash_attn (see models/attention.py)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+    fused_norm: bool = False
+    """RMSNorm through Liger Kernel's Triton kernel on CUDA (models/kernels.py); F.rms_norm elsewhere."""
+    fused_rope: bool = False
+    """Rotary embedding of q and k through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
+    fused_swiglu: bool = False
+    """SwiGLU's silu(gate) * up through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
+    fused_cross_entropy: str = "auto"
+    """LM head + loss: none (full logits), chunked (PyTorch, any device) or liger (Liger's fused kernel on
+    CUDA, else chunked). chunked and liger never hold the full logits: with labels, forward returns none.
+    auto: chunked while the model is in training mode (a training step needs only the loss, and the chunked
+    loss is faster and smaller), full logits in eval mode (evaluation and generation see the logits)."""
+
+    def __post_init__(self) -> None:
+        if self.fused_cross_entropy not in CROSS_ENTROPY_CHOICES:
+            raise ValueError(
+                f"fused_cross_entropy must be one of {CROSS_ENTROPY_CHOICES}, got {self.fused_cross_entropy!r}"
+            )
 
 
 # Open-Llama models use both of its additions (stable + shared embeddings) at every size. Fields not given
@@ -438,13 +452,17 @@ def document_starts(position_ids: torch.Tensor, continues_cache: bool) -> torch.
 
 
 class Llama(nn.Module):
-    """Llama causal language model with transformers-compatible parameter names."""
+    """Llama causal language model with transformers-compatible parameter names.
 
-    def __init__(self, config: ModelConfig) -> None:
+    `config` is the architecture (saved with the model); `options` how this instance runs (not saved).
+    """
+
+    def __init__(self, config: ModelConfig, options: RunOptions | None = None) -> None:
         super().__init__()
         self.config = config
-        self.attention_backend = get_attention_backend(config.attention_backend)
-        self.kernels = select_kernels(config, REFERENCE_KERNELS)
+        self.options = options or RunOptions()
+        self.attention_backend = get_attention_backend(self.options.attention_backend)
+        self.kernels = select_kernels(self.options, REFERENCE_KERNELS)
         self.model = LlamaModel(config, self.attention_backend, self.kernels)
         self.rotary = RotaryEmbedding(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -478,6 +496,34 @@ class Llama(nn.Module):
         """Re-share the LM head with the embedding (needed after loading weights with assign=True)."""
         if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: ModelConfig,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        options: RunOptions | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Llama:
+        """A model holding exactly `state_dict`'s tensors, in `dtype` (None keeps theirs): no initialisation
+        pass, no copy when the tensors already have the dtype and device. A tied head may be given or left out; anything else
+        missing or unexpected is a ValueError naming it."""
+        with torch.device("meta"):
+            model = cls(config, options)
+        expected = {n for n in model.state_dict() if not (config.tie_embeddings and n == "lm_head.weight")}
+        given = set(state_dict) - ({"lm_head.weight"} if config.tie_embeddings else set())
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"the weights do not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            )
+        state = {name: state_dict[name].to(device=device, dtype=dtype) for name in expected}
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        model.rotary.reset_buffers(device)
+        return model
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -521,7 +567,7 @@ class Llama(nn.Module):
         x = self.embed(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
         for layer in self.model.layers:
-            if self.config.activation_checkpointing and self.training and kv_cache is None:
+            if self.options.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
@@ -531,7 +577,7 @@ class Llama(nn.Module):
 
         if labels is not None:
             lm_head_and_loss = self.kernels.linear_cross_entropy
-            if self.config.fused_cross_entropy == "auto" and self.training:
+            if self.options.fused_cross_entropy == "auto" and self.training:
                 lm_head_and_loss = chunked_linear_cross_entropy
             loss, logits = lm_head_and_loss(x, self.lm_head.weight, shift_labels(labels))
             return CausalLMOutput(loss=loss, logits=logits)
@@ -562,23 +608,18 @@ class Llama(nn.Module):
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Next-token targets from unshifted (HF convention) labels; the last position has none (-100).
+    """Next-token targets from unshifted (HF convention) labels; the last position has none (IGNORE_INDEX).
 
     Shifting the labels rather than the logits avoids a copy of the (B, T, V) logits.
     """
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (in float32) of logits (..., V) against targets (...); -100 is ignored."""
+    """Mean cross-entropy (in float32) of logits (..., V) against targets (...); IGNORE_INDEX is skipped."""
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels are unshifted (HF convention) and -100 marks ignored tokens."""
-    return token_cross_entropy(logits, shift_labels(labels))
 
 
 def linear_cross_entropy(

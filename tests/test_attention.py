@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import models.kernels as models_kernels
 from models.attention import BACKENDS, PackageBackend, get_attention_backend
-from models.llama import Llama, ModelConfig
+from models.llama import Llama, ModelConfig, RunOptions
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -179,8 +179,8 @@ def test_package_backend_model_packs_and_decodes_on_cpu(name, stand_in_packages)
 
     torch.manual_seed(0)
     shape = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
-    model = Llama(ModelConfig(**shape, attention_backend=name)).eval()
-    reference = Llama(ModelConfig(**shape, attention_backend="eager")).eval()
+    model = Llama(ModelConfig(**shape), RunOptions(attention_backend=name)).eval()
+    reference = Llama(ModelConfig(**shape), RunOptions(attention_backend="eager")).eval()
     reference.load_state_dict(model.state_dict())
     lengths = [7, 16, 1, 9]
     docs = [torch.randint(0, 97, (1, n)) for n in lengths]
@@ -265,9 +265,8 @@ def test_packed_row_equals_documents_run_one_by_one(name, stable):
         n_heads=4,
         n_kv_heads=2,
         stable_embedding=stable,
-        attention_backend=name,
     )
-    model = Llama(config).eval()
+    model = Llama(config, RunOptions(attention_backend=name)).eval()
     lengths = [7, 16, 1, 9]
     docs = [torch.randint(0, 97, (1, n)) for n in lengths]
     packed = torch.cat(docs, dim=1)

@@ -7,6 +7,7 @@ cross-entropy and compile-per-block run everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -28,7 +29,14 @@ from models.kernels import (
     liger_unavailable_reason,
     select_kernels,
 )
-from models.llama import REFERENCE_KERNELS, Llama, ModelConfig, linear_cross_entropy, shift_labels
+from models.llama import (
+    REFERENCE_KERNELS,
+    Llama,
+    ModelConfig,
+    RunOptions,
+    linear_cross_entropy,
+    shift_labels,
+)
 from training.config import OptimConfig
 from training.optim import build_optimizer
 
@@ -41,11 +49,12 @@ def tiny(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, "stable_embedding": True, "tie_embeddings": True, **overrides})
 
 
-def twin(config: ModelConfig, **switches) -> tuple[Llama, Llama]:
-    """A model and a copy with the same weights but other switches."""
+def twin(config: ModelConfig, options: RunOptions | None = None, **switches) -> tuple[Llama, Llama]:
+    """A model (run with `options`) and a copy with the same weights run with `switches` on top."""
     torch.manual_seed(0)
-    reference = Llama(config)
-    fast = Llama(ModelConfig.from_dict({**config.to_dict(), **switches}))
+    options = options or RunOptions()
+    reference = Llama(config, options)
+    fast = Llama(config, dataclasses.replace(options, **switches))
     fast.load_state_dict(reference.state_dict())
     return reference, fast
 
@@ -232,7 +241,7 @@ def test_a_liger_without_one_kernel_falls_back_for_that_switch_only(monkeypatch,
     monkeypatch.setattr(kernels, "_LIGER_BUILDERS", {**kernels._LIGER_BUILDERS, "swiglu": missing})
     monkeypatch.setattr(kernels, "_cuda_or", lambda fast, reference: reference)
     with caplog.at_level(logging.WARNING, logger="models.kernels"):
-        chosen = select_kernels(tiny(fused_swiglu=True), REFERENCE_KERNELS)
+        chosen = select_kernels(RunOptions(fused_swiglu=True), REFERENCE_KERNELS)
     assert chosen.names == {"fused_swiglu": "torch"} and chosen.swiglu is REFERENCE_KERNELS.swiglu
     assert [r.getMessage() for r in caplog.records] == [
         "fused_swiglu: liger-kernel has no usable kernel for it (cannot import name 'LigerSiLUMulFunction'); "
@@ -257,13 +266,19 @@ def test_fast_kernels_run_only_on_cuda_tensors():
 
 def test_unknown_cross_entropy_is_a_config_error():
     with pytest.raises(ValueError, match="fused_cross_entropy must be one of"):
-        tiny(fused_cross_entropy="fast")
-    config = tiny(fused_norm=True, fused_cross_entropy="chunked")
-    assert ModelConfig.from_dict(config.to_dict()) == config
+        RunOptions(fused_cross_entropy="fast")
+
+
+def test_run_options_are_not_part_of_the_model_config():
+    """Kernels and activation checkpointing are choices of a run: a saved model never carries them."""
+    run_fields = {f.name for f in dataclasses.fields(RunOptions)}
+    assert not run_fields & {f.name for f in dataclasses.fields(ModelConfig)}
+    model = Llama(tiny(), RunOptions(fused_norm=True, fused_cross_entropy="chunked"))
+    assert not run_fields & set(model.config.to_dict())
 
 
 def test_select_kernels_keeps_the_reference_when_nothing_is_switched_on():
-    chosen = select_kernels(tiny(), REFERENCE_KERNELS)
+    chosen = select_kernels(RunOptions(), REFERENCE_KERNELS)
     assert chosen == REFERENCE_KERNELS and isinstance(chosen, Kernels) and chosen.names == {}
 
 
@@ -275,7 +290,9 @@ def test_select_kernels_keeps_the_reference_when_nothing_is_switched_on():
 @pytest.mark.slow
 def test_compile_per_block_gives_the_eager_loss_and_gradients():
     torch._dynamo.reset()
-    reference, compiled = twin(tiny(n_layers=2, activation_checkpointing=True), fused_cross_entropy="chunked")
+    reference, compiled = twin(
+        tiny(n_layers=2), RunOptions(activation_checkpointing=True), fused_cross_entropy="chunked"
+    )
     names = list(compiled.state_dict())
     compile_model(compiled)
     assert list(compiled.state_dict()) == names  # in place: checkpoints keep their names
@@ -409,7 +426,7 @@ def test_liger_rotary_matches_reference_layout(liger_device):
     emb = torch.cat((angle, angle), dim=-1)
     q, k, cos, sin = (t.to(liger_device) for t in (q, k, emb.cos(), emb.sin()))
     want = REFERENCE_KERNELS.rotary(q.clone(), k.clone(), cos, sin)
-    fast = select_kernels(tiny(fused_rope=True), REFERENCE_KERNELS)
+    fast = select_kernels(RunOptions(fused_rope=True), REFERENCE_KERNELS)
     got = fast.rotary(q.clone(), k.clone(), cos, sin)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.llama import Llama, ModelConfig, llama_intermediate_size
+from models.llama import Llama, ModelConfig, RunOptions, llama_intermediate_size
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -135,7 +135,7 @@ def test_default_loss_is_chunked_in_training_and_full_logits_in_eval():
     the loss and gradients of transformers' full-logits path (tied head: both gradients meet in one matrix)."""
     torch.manual_seed(2)
     model = Llama(tiny_config(tie_embeddings=True))
-    assert model.config.fused_cross_entropy == "auto"
+    assert model.options.fused_cross_entropy == "auto"
     hf = hf_twin(model).train()
     ids = torch.randint(0, 211, (2, 24))
     labels = ids.clone()
@@ -166,7 +166,7 @@ def test_activation_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
     plain = Llama(tiny_config(stable_embedding=True, tie_embeddings=True)).train()
     ckpt = Llama(
-        tiny_config(stable_embedding=True, tie_embeddings=True, activation_checkpointing=True)
+        tiny_config(stable_embedding=True, tie_embeddings=True), RunOptions(activation_checkpointing=True)
     ).train()
     ckpt.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 211, (2, 32))

@@ -25,13 +25,16 @@ import yaml
 import zstandard
 from safetensors.torch import load_file
 
+from common.config import load_config
 from data.shard_io import iter_shard_records
 from dataset.train_tokenizer import train_tokenizer
 from models.llama import Llama, ModelConfig
+from training import faults
 from training.checkpoint import Checkpointer, CheckpointError
-from training.config import ConfigError, LoggingConfig, OptimConfig, TrainConfig, load_config, parse_config
+from training.config import LoggingConfig, OptimConfig, TrainConfig
 from training.distributed import build_accelerator
 from training.loop import NonFiniteLossError, train
+from training.objectives import CausalLMObjective, ObjectiveOutput
 from training.optim import build_optimizer, lr_factor, param_groups
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,61 +131,6 @@ class _Run:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
-
-
-def test_yaml_then_command_line_with_declared_types(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text("model: {preset: tiny, n_layers: 3}\noptim: {lr: 3e-4}\ntrain: {max_steps: 10}\n")
-    config = parse_config(
-        _Run,
-        [
-            "--config",
-            str(path),
-            "--model.dim",
-            "128",
-            "--train.max_steps=20",
-            "--train.debug_nan_steps",
-            "[2, 3]",
-        ],
-    )
-    assert config.optim.lr == 3e-4 and isinstance(config.optim.lr, float)  # YAML reads 3e-4 as a string
-    assert config.model == ModelConfig.from_preset("tiny", n_layers=3, dim=128)
-    assert config.train.max_steps == 20 and config.train.debug_nan_steps == [2, 3]
-    assert config.optim.warmup_steps == OptimConfig().warmup_steps
-
-
-def test_one_string_for_a_list_of_strings_is_a_one_item_list():
-    from pretrain_llama import PretrainConfig
-
-    config = parse_config(PretrainConfig, ["--model.preset", "tiny", "--data.shards", "shards/*.jsonl.zst"])
-    assert config.data.shards == ["shards/*.jsonl.zst"]
-    config = parse_config(PretrainConfig, ["--model.preset", "tiny", "--data.shards", "[a/*.zst, b/*.zst]"])
-    assert config.data.shards == ["a/*.zst", "b/*.zst"]
-
-
-@pytest.mark.parametrize(
-    ("argv", "yaml_text", "expected"),
-    [
-        ([], "train: {max_stepz: 3}\n", "unknown key 'train.max_stepz' (did you mean 'max_steps'?)"),
-        (["--optim.lrr", "1"], "", "unknown option --optim.lrr (did you mean 'lr'?)"),
-        ([], "trian: {}\n", "unknown key 'trian'"),
-        (["--train.max_steps", "ten"], "", "command line (--train.max_steps): 'train.max_steps' must be int"),
-        ([], "train: {max_steps: ten}\n", "bad.yaml: 'train.max_steps' must be int"),
-        (
-            ["--model.preset", "tinyy"],
-            "",
-            "bad.yaml with the command-line overrides: invalid 'model' section",
-        ),
-    ],
-)
-def test_config_errors_name_the_key_and_the_valid_keys(tmp_path, argv, yaml_text, expected):
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml_text or "{}\n")
-    with pytest.raises(ConfigError) as err:
-        parse_config(_Run, ["--config", str(path), *argv])
-    assert expected in str(err.value)
-    if "unknown" in expected:
-        assert "valid keys" in str(err.value)
 
 
 def test_typo_in_a_run_config_is_a_clean_cli_error(real_data, tmp_path):
@@ -299,12 +247,17 @@ class RowStream:
     def load_state_dict(self, state):
         self.index = state["index"]
 
+    def counters(self):
+        return {"rows_read": {"all": self.index * len(range(self.rank, self.batch, self.world))}}
+
 
 def tiny_run(out: Path, **train) -> _Run:
     return _Run(
         model=ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=2, max_seq_len=32),
         optim=OptimConfig(lr=3e-3, warmup_steps=100),  # warmup only: the lr does not depend on max_steps
-        train=TrainConfig(output_dir=str(out), precision="fp32", checkpoint_every=0, eval_every=0, **train),
+        train=TrainConfig(
+            **{"output_dir": str(out), "precision": "fp32", "checkpoint_every": 0, "eval_every": 0, **train}
+        ),
         logging=LoggingConfig(progress_bar=False, log_every=1, plot=False),
     )
 
@@ -313,22 +266,25 @@ def run_in_process(config: _Run):
     accelerator = build_accelerator(config.train)
     torch.manual_seed(0)
     model = Llama(config.model)
-    return train(model, RowStream(), config=config, accelerator=accelerator), model
+    return train(model, RowStream(), CausalLMObjective(), config=config, accelerator=accelerator), model
 
 
-def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
+def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path, monkeypatch):
     clean, clean_model = run_in_process(tiny_run(tmp_path / "a", max_steps=2))
-    skipped, skipped_model = run_in_process(tiny_run(tmp_path / "b", max_steps=3, debug_nan_steps=[3]))
+    monkeypatch.setenv(faults.NAN_LOSS_STEPS_ENV, "3")
+    skipped, skipped_model = run_in_process(tiny_run(tmp_path / "b", max_steps=3))
     assert skipped.nonfinite_steps == 1 and clean.nonfinite_steps == 0
     # Step 3 applied no update: the weights are those after step 2.
     for (name, a), b in zip(clean_model.state_dict().items(), skipped_model.state_dict().values()):
         assert torch.equal(a, b), name
     record = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["step"] == 3 and record["loss"] is None and record["nonfinite_steps"] == 1
+    assert record["rows_read"] == {"all": 12}  # the data's counters hook, 3 batches of 4 rows
 
 
-def test_consecutive_nonfinite_losses_stop_the_run(tmp_path):
-    config = tiny_run(tmp_path / "c", max_steps=10, debug_nan_steps=[2, 3, 4], max_nonfinite_steps=3)
+def test_consecutive_nonfinite_losses_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.NAN_LOSS_STEPS_ENV, "2,3,4")
+    config = tiny_run(tmp_path / "c", max_steps=10, max_nonfinite_steps=3)
     with pytest.raises(
         NonFiniteLossError, match=r"3 consecutive steps with a non-finite loss or gradient \(steps 2-4\)"
     ):
@@ -350,21 +306,67 @@ class _InfGradient(torch.autograd.Function):
 def test_nonfinite_gradient_behind_a_finite_loss_skips_the_step(tmp_path):
     calls = 0
 
-    def overflowing_at_step_3(model, batch):
-        nonlocal calls
-        calls += 1
-        loss = model(**batch).loss
-        return _InfGradient.apply(loss) if calls == 3 else loss
+    class OverflowingAtStep3(CausalLMObjective):
+        def __call__(self, model, batch, frozen):
+            nonlocal calls
+            calls += 1
+            loss = model(**batch).loss
+            return ObjectiveOutput(_InfGradient.apply(loss) if calls == 3 else loss)
 
     _, clean_model = run_in_process(tiny_run(tmp_path / "a", max_steps=2))
     config = tiny_run(tmp_path / "b", max_steps=3)
     accelerator = build_accelerator(config.train)
     torch.manual_seed(0)
     model = Llama(config.model)
-    result = train(model, RowStream(), config=config, accelerator=accelerator, loss_fn=overflowing_at_step_3)
+    result = train(model, RowStream(), OverflowingAtStep3(), config=config, accelerator=accelerator)
     assert result.nonfinite_steps == 1
     for (name, a), b in zip(clean_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name  # step 3 applied nothing (no NaN weights either)
+
+
+class AgreementWithReference(CausalLMObjective):
+    """The LM loss plus how far the policy's next-token log-probabilities drift from a frozen reference's
+    (a metric over the same target tokens): an objective that needs a second, frozen model."""
+
+    def __call__(self, model, batch, frozen):
+        reference = frozen["reference"]
+        assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+        model_out = model(**batch)
+        with torch.no_grad():
+            ref_logits = reference(batch["input_ids"]).logits
+        targets = batch["labels"][:, 1:]
+        mask = targets != -100
+        ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), -1).gather(
+            -1, targets.clamp(min=0)[..., None]
+        )
+        drift = -ref_logp[..., 0][mask].mean() - model_out.loss.detach()
+        return ObjectiveOutput(model_out.loss, {"drift_from_reference": drift})
+
+
+def test_a_frozen_model_is_prepared_beside_the_policy_and_never_trained(tmp_path):
+    config = tiny_run(tmp_path / "frozen", max_steps=4, checkpoint_every=2, eval_every=2)
+    accelerator = build_accelerator(config.train)
+    torch.manual_seed(0)
+    model = Llama(config.model)
+    reference = Llama(config.model)
+    reference.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    val = [b for b, _ in zip(RowStream(), range(2))]
+    objective = AgreementWithReference()
+    result = train(
+        model, RowStream(), objective, config=config, accelerator=accelerator, val_data=val,
+        frozen={"reference": reference},
+    )  # fmt: skip
+    assert result.step == 4
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, before[name]), name  # frozen: the optimizer never saw it
+    records = [json.loads(x) for x in (tmp_path / "frozen" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["drift_from_reference"] == pytest.approx(0.0, abs=1e-5)  # step 1: policy == reference
+    assert records[-1]["drift_from_reference"] > 0  # the policy moved away from the reference
+    assert "val_drift_from_reference" in records[-1] and records[-1]["val_ppl"] > 1
+    # Only the policy's state is checkpointed: the reference is rebuilt from its source at every start.
+    saved = sorted(p.name for p in (tmp_path / "frozen" / "step-4").glob("model*.safetensors"))
+    assert saved == ["model.safetensors"]
 
 
 NETWORK_AUDIT = textwrap.dedent(
@@ -484,7 +486,7 @@ def test_kill_9_after_a_checkpoint_then_resume_auto_is_exact(real_data, referenc
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(real_data, reference_run, tmp_path):
     out = tmp_path / "torn"
     config = run_config(real_data, out)
-    result = pretrain(config, OPEN_LLAMA_KILL_DURING_CHECKPOINT="20")
+    result = pretrain(config, **{faults.KILL_DURING_CHECKPOINT_ENV: "20"})
     assert result.returncode == -signal.SIGKILL
     assert (out / "latest").read_text().strip() == "step-10"
     assert (out / "step-20.tmp").is_dir() and not (out / "step-20").exists()
@@ -512,6 +514,7 @@ DRIVER = textwrap.dedent(
     from models.llama import Llama
     from training.distributed import build_accelerator
     from training.loop import train
+    from training.objectives import CausalLMObjective
 
     out, micro_batch, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     config = tiny_run(__import__("pathlib").Path(out), max_steps=10, grad_accum_steps=accum)
@@ -530,7 +533,7 @@ DRIVER = textwrap.dedent(
     # under DDP, so every rank must evaluate the same number of batches or the run hangs.
     config.train.eval_every = 5
     val = [b for b, _ in zip(RowStream(), range(2 if rank == 0 else 1))]
-    result = train(model, Split(), config=config, accelerator=accelerator, val_data=val)
+    result = train(model, Split(), CausalLMObjective(), config=config, accelerator=accelerator, val_data=val)
     if accelerator.is_main_process:
         print("LOSSES", json.dumps(result.losses), "WORLD", world)
     """
@@ -616,14 +619,12 @@ def test_two_processes_together_read_each_document_exactly_once(real_data, tmp_p
 def test_deepspeed_zero1_two_cpu_processes_train_checkpoint_and_resume(real_data, tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero1"
-    config = run_config(
-        real_data, out, train={"max_steps": 6, "checkpoint_every": 3, "eval_every": 0, "debug_nan_steps": [2]}
-    )
+    config = run_config(real_data, out, train={"max_steps": 6, "checkpoint_every": 3, "eval_every": 0})
     launcher = [
         str(Path(PYTHON).parent / "accelerate"), "launch", "--num_processes", "2",
         "--config_file", str(REPO / "configs/accelerate/deepspeed_zero1.yaml"),
     ]  # fmt: skip
-    result = pretrain(config, launcher=launcher)
+    result = pretrain(config, launcher=launcher, **{faults.NAN_LOSS_STEPS_ENV: "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     state = json.loads((out / "step-6" / "trainer_state.json").read_text())

@@ -20,23 +20,20 @@ import logging
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
+from common.config import save_config
 from common.files import write_atomic
-from training.config import save_config
+from training import faults
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-# Testing aid: SIGKILL the process in the middle of writing the checkpoint of this step (after the
-# weights are written, before the folder is renamed), to prove the previous checkpoint survives.
-KILL_DURING_SAVE_ENV = "OPEN_LLAMA_KILL_DURING_CHECKPOINT"
 
 
 class _TiedWeightsNotice(logging.Filter):
@@ -75,7 +72,7 @@ class Checkpointer:
         self.every = every
         self.keep_last = keep_last
         self.run_config = run_config
-        self.stateful = {k: v for k, v in (stateful or {}).items() if hasattr(v, "state_dict")}
+        self.stateful = dict(stateful or {})
         self.last_saved_step: int | None = None
         if accelerator.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -116,8 +113,7 @@ class Checkpointer:
         )
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.kill_if_checkpoint_step(step)  # tests: prove the previous checkpoint survives
             save_config(self.run_config, tmp_dir / "config.yaml")
             state = {**trainer_state, "step": step, "world_size": acc.num_processes}
             (tmp_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))

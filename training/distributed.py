@@ -8,6 +8,7 @@ two never disagree.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -89,3 +90,43 @@ def configure_deepspeed(
     if zero.get("stage") == 3:
         # The final Hugging Face export needs the full weights gathered on the main process.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Place a frozen extra model (e.g. preference tuning's reference) beside the policy, sharded like it.
+
+    It never trains: eval mode, no gradients, no optimizer state, and it is left out of the checkpoints
+    (it is rebuilt from its source at every start). Under DeepSpeed ZeRO-3 it is partitioned by its own
+    inference engine with the run's DeepSpeed config (ZeRO-1/2 shard only optimizer state and gradients,
+    which a frozen model does not have, so there it is a plain replica: stage 0). Under FSDP it is wrapped
+    like the policy; otherwise it is moved to the device (DDP would refuse a model with nothing to train).
+    """
+    model.eval()
+    model.requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        zero = ds_config.setdefault("zero_optimization", {})
+        if zero.get("stage") != 3:
+            zero["stage"] = 0
+        for key in ("optimizer", "scheduler"):
+            ds_config.pop(key, None)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        return engine
+    prepared = accelerator.prepare_model(
+        model, evaluation_mode=accelerator.distributed_type != DistributedType.FSDP
+    )
+    # accelerate registers every prepared model for save_state; a frozen one is not part of the run's state.
+    accelerator._models = [m for m in accelerator._models if m is not prepared]
+    prepared.eval()
+    return prepared
+
+
+def sum_over_ranks(accelerator: Accelerator, counts: dict[str, int]) -> dict[str, int]:
+    """Per-name counts of the whole world (each rank counts only what it did)."""
+    names = sorted(counts)
+    local = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    return {n: int(v) for n, v in zip(names, total.tolist())}

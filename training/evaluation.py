@@ -1,26 +1,24 @@
-"""Periodic validation (loss and perplexity on held-out batches) and sample generations."""
+"""Periodic validation (the objective's loss and metrics on held-out batches) and sample generations."""
 
 from __future__ import annotations
 
 import itertools
-import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-CountFn = Callable[[dict[str, torch.Tensor]], torch.Tensor | int]
+from models.generate import generate
+from training.objectives import Objective
 
 
 class Validator:
-    """Mean loss and perplexity over the same `num_batches` held-out batches at every evaluation.
+    """The objective's means over the same `num_batches` held-out batches at every evaluation.
 
     The batches are taken once from the validation stream and kept, so successive validation losses
-    are comparable. Each rank evaluates its own batches; the result is the token-weighted mean over all.
+    are comparable. Each rank evaluates its own batches; the result is the count-weighted mean over all.
     """
 
     def __init__(
@@ -38,12 +36,14 @@ class Validator:
 
     @torch.no_grad()
     def run(
-        self, model: nn.Module, loss_fn: LossFn, count_fn: CountFn, accelerator: Accelerator
+        self,
+        model: nn.Module,
+        objective: Objective,
+        frozen: Mapping[str, nn.Module],
+        accelerator: Accelerator,
     ) -> dict[str, float]:
-        """{'val_loss', 'val_ppl'} over all ranks' held-out batches ({} when some rank has none).
-
-        Each rank evaluates as many batches as the rank with the fewest has.
-        """
+        """{'val_loss', 'val_<metric>'..., 'val_<derived>'...} over all ranks' held-out batches ({} when
+        every rank's batches are empty). Each rank evaluates as many batches as the rank with the fewest."""
         batches = self.batches
         if accelerator.num_processes > 1:
             # Every rank must run the same number of forward passes (DDP, ZeRO-3 and FSDP forwards are
@@ -53,29 +53,51 @@ class Validator:
             batches = batches[: int(n.item())]
         was_training = model.training
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        names: list[str] = []
+        totals: list[torch.Tensor] = []
+        count_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
-                loss = loss_fn(model, batch)
-            count = torch.as_tensor(count_fn(batch), dtype=torch.float64, device=total.device)
-            total += torch.stack([loss.double() * count, count])
-        if accelerator.num_processes > 1:
-            total = accelerator.reduce(total, reduction="sum")
+                out = objective(model, batch, frozen)
+            count = torch.as_tensor(objective.count(batch), dtype=torch.float64, device=count_total.device)
+            values = {"loss": out.loss, **out.metrics}
+            if not names:
+                names, totals = list(values), [torch.zeros_like(count_total) for _ in values]
+            for i, name in enumerate(names):
+                totals[i] += values[name].double() * count
+            count_total += count
         model.train(was_training)
-        if total[1] == 0:  # a rank without held-out data: nothing comparable to report
+        stacked = torch.stack([*totals, count_total]) if names else count_total.reshape(1)
+        if accelerator.num_processes > 1:
+            stacked = accelerator.reduce(stacked, reduction="sum")
+        if stacked[-1] == 0:  # no held-out items anywhere: nothing comparable to report
             return {}
-        val_loss = (total[0] / total[1]).item()
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        means = dict(zip(names, (stacked[:-1] / stacked[-1]).tolist()))
+        return {f"val_{name}": value for name, value in {**means, **objective.report(means)}.items()}
 
 
 class Sampler:
-    """Greedy continuations of fixed prompts every `every` steps, so a run's progress can be read."""
+    """Greedy continuations of fixed prompts every `every` steps, so a run's progress can be read.
 
-    def __init__(self, tokenizer: Any, prompts: list[str], *, every: int, max_new_tokens: int) -> None:
-        self.tokenizer = tokenizer
-        self.prompts = prompts
-        self.every = every if tokenizer is not None and prompts else 0
+    `encode` turns a prompt into the ids the model continues (raw text for a pretrained model, a chat
+    turn for a chat model); generation stops at `stop_token_ids` or after `max_new_tokens`.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        *,
+        encode: Callable[[str], list[int]],
+        decode: Callable[[list[int]], str],
+        stop_token_ids: Sequence[int],
+        every: int,
+        max_new_tokens: int,
+    ) -> None:
+        self.prompts = list(prompts)
+        self.encode, self.decode = encode, decode
+        self.stop_token_ids = list(stop_token_ids)
+        self.every = every if self.prompts else 0
         self.max_new_tokens = max_new_tokens
 
     def should_run(self, step: int, *, final: bool = False) -> bool:
@@ -85,8 +107,6 @@ class Sampler:
     @torch.no_grad()
     def run(self, model: nn.Module, accelerator: Accelerator) -> dict[str, str]:
         """{prompt: continuation}. All ranks call it (ZeRO-3 gathers weights collectively)."""
-        from models.generate import generate
-
         was_training = model.training
         model.eval()
         module = accelerator.unwrap_model(model)
@@ -95,18 +115,17 @@ class Sampler:
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), accelerator.autocast():
             for prompt in self.prompts:
-                ids = self.tokenizer.encode(prompt, bos=True)
                 new_ids = generate(
                     module,
-                    torch.tensor(ids, device=accelerator.device),
+                    torch.tensor(self.encode(prompt), device=accelerator.device),
                     max_new_tokens=self.max_new_tokens,
                     temperature=0.0,
                     top_k=None,
                     top_p=None,
                     repetition_penalty=1.0,
-                    stop_token_ids=[self.tokenizer.eos_id],
+                    stop_token_ids=self.stop_token_ids,
                     seed=0,
                 )
-                out[prompt] = self.tokenizer.decode(new_ids)
+                out[prompt] = self.decode(new_ids)
         model.train(was_training)
         return out

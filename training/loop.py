@@ -1,13 +1,14 @@
-"""The training loop shared by pretraining, SFT and DPO: stages differ only in data and loss.
+"""The training loop shared by every stage: stages differ only in their data and their objective.
 
-    train(model, train_data, config=run_config, val_data=..., loss_fn=..., tokenizer=...)
+    train(model, train_data, objective, config=run_config, accelerator=acc, val_data=..., frozen=...)
 
-`train_data` is any iterable of batch dicts ({"input_ids", "labels", "position_ids"?} for causal LM
-stages) already split by rank; if it has state_dict()/load_state_dict() its position is checkpointed,
-which makes a resumed run continue bit for bit. `loss_fn(model, batch)` returns the mean loss of a batch
-and `count_fn(batch)` the number of items that mean is over (target tokens for a language model, pairs
-for DPO); the loop weights micro-batches and ranks by that count, so the update is the gradient of the
-exact mean over the global batch however it is split into processes and accumulation steps.
+`train_data` is a TrainingData stream already split by rank: batches (dicts of tensors), its position as
+state (checkpointed, so a resumed run continues bit for bit) and its own counters (e.g. tokens per
+source, summed over ranks and logged). The `objective` (training/objectives.py) turns a batch into a loss
+and says what that loss is a mean over; the loop weights micro-batches and ranks by that count, so the
+update is the gradient of the exact mean over the global batch however it is split into processes and
+accumulation steps. `frozen` models (a preference-tuning reference) are prepared by accelerate beside the
+policy (sharded like it under ZeRO-3/FSDP), never trained, and handed to the objective.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,16 +29,21 @@ import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 from torch import nn
 
+from common.config import config_to_dict, save_config
 from common.memory import peak_memory_gib
 from models.kernels import compile_model
+from training import faults
 from training.checkpoint import Checkpointer
-from training.config import LoggingConfig, OptimConfig, TrainConfig, config_to_dict, save_config
-from training.distributed import configure_deepspeed
-from training.evaluation import CountFn, LossFn, Sampler, Validator
+from training.config import LoggingConfig, OptimConfig, TrainConfig
+from training.distributed import configure_deepspeed, prepare_frozen, sum_over_ranks
+from training.evaluation import Sampler, Validator
 from training.metrics import MetricsLogger, peak_flops_per_device
+from training.objectives import Objective
 from training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
 
 
 class RunConfig(Protocol):
@@ -48,18 +54,26 @@ class RunConfig(Protocol):
     logging: LoggingConfig
 
 
+class TrainingData(Protocol):
+    """A rank's endless training stream, as the loop uses it."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position, saved in every checkpoint."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was taken."""
+        ...
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """This rank's running counts to log, e.g. {"tokens_per_source": {"pile": 123}} ({} for none)."""
+        ...
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss."""
-
-
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's mean next-token cross-entropy (labels shifted inside the model, -100 ignored)."""
-    return model(**batch).loss
-
-
-def count_target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """How many tokens `causal_lm_loss` averages over: labels after the shift that are not -100."""
-    return (batch["labels"][:, 1:] != -100).sum()
 
 
 @dataclasses.dataclass
@@ -73,6 +87,18 @@ class TrainResult:
     losses: list[float]
 
 
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step: the global means of loss and metrics (NaN loss: skipped) and the grad norm."""
+
+    means: dict[str, float]
+    grad_norm: float | None
+
+    @property
+    def loss(self) -> float:
+        return self.means["loss"]
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -82,17 +108,17 @@ def seed_everything(seed: int) -> None:
 
 def train(
     model: nn.Module,
-    train_data: Iterable[dict[str, torch.Tensor]],
+    train_data: TrainingData,
+    objective: Objective,
     *,
     config: RunConfig,
     accelerator: Accelerator,
-    val_data: Iterable[dict[str, torch.Tensor]] | None = None,
-    loss_fn: LossFn = causal_lm_loss,
-    count_fn: CountFn = count_target_tokens,
-    tokenizer: Any = None,
+    val_data: Iterable[Batch] | None = None,
+    frozen: Mapping[str, nn.Module] | None = None,
+    sampler: Sampler | None = None,
     export: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
 ) -> TrainResult:
-    """Train `model` for config.train.max_steps optimizer steps; checkpoint, validate, log, export.
+    """Train `model` for config.train.max_steps optimizer steps; checkpoint, validate, sample, log, export.
 
     `export(state_dict, out_dir)` writes the final model in Hugging Face format (main process only).
     """
@@ -101,15 +127,17 @@ def train(
     acc = accelerator
     seed_everything(tc.seed + acc.process_index)
 
-    train_iter: Iterator[dict[str, torch.Tensor]] = iter(train_data)
-    first_batch = next(train_iter)  # DeepSpeed needs the micro-batch size before prepare()
-    configure_deepspeed(acc, tc, oc, micro_batch_size=first_batch["input_ids"].shape[0])
+    train_iter: Iterator[Batch] = iter(train_data)
+    first_batch: Batch | None = next(train_iter)
+    # DeepSpeed needs the micro-batch size before prepare().
+    configure_deepspeed(acc, tc, oc, micro_batch_size=objective.shape(first_batch)[0])
 
     if tc.compile:
         compile_model(model)  # per decoder block, in place: parameter names (and checkpoints) stay unprefixed
     optimizer = build_optimizer(model, oc, device=acc.device)
     scheduler = build_scheduler(optimizer, oc, tc.max_steps)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    frozen = {name: prepare_frozen(acc, m) for name, m in (frozen or {}).items()}
 
     checkpointer = Checkpointer(
         acc,
@@ -129,12 +157,6 @@ def train(
         save_config(config, out_dir / "config.yaml")
 
     validator = Validator(val_data, every=tc.eval_every, num_batches=tc.eval_batches)
-    sampler = Sampler(
-        tokenizer,
-        config.logging.sample_prompts,
-        every=config.logging.sample_every,
-        max_new_tokens=config.logging.sample_max_new_tokens,
-    )
     metrics = MetricsLogger(
         config.logging,
         out_dir,
@@ -143,10 +165,10 @@ def train(
         start_step=state["step"],
         run_config=config_to_dict(config),
     )
-    peak = peak_flops_per_device(acc.device, tc.peak_flops)
-    flops_per_token = getattr(acc.unwrap_model(model), "flops_per_token", None)
+    throughput = Throughput(acc, tc.peak_flops, getattr(acc.unwrap_model(model), "flops_per_token", None))
+    nan_steps = faults.nan_loss_steps()
 
-    def next_batch() -> dict[str, torch.Tensor]:
+    def next_batch() -> Batch:
         nonlocal first_batch
         if first_batch is not None:
             batch, first_batch = first_batch, None
@@ -159,23 +181,23 @@ def train(
 
     losses: list[float] = []
     model.train()
-    window_start, window_tokens = time.perf_counter(), 0
     while state["step"] < tc.max_steps:
         step = state["step"] + 1
         micro_batches = [next_batch() for _ in range(tc.grad_accum_steps)]
-        loss, grad_norm = train_step(
-            model, optimizer, micro_batches, loss_fn, count_fn, acc, oc, nan=step in tc.debug_nan_steps
+        result = train_step(
+            model, optimizer, micro_batches, objective, frozen, acc, oc, nan=step in nan_steps
         )
         scheduler.step()
-        tokens = sum(b["input_ids"].numel() for b in micro_batches) * acc.num_processes
+        shapes = [objective.shape(b) for b in micro_batches]
+        tokens = sum(rows * length for rows, length in shapes) * acc.num_processes
         state["step"] = step
         state["tokens_seen"] += tokens
-        window_tokens += tokens
+        throughput.add(tokens, seq_len=shapes[0][1])
         metrics.advance()
 
-        if math.isfinite(loss):
+        if math.isfinite(result.loss):
             state["nonfinite_in_a_row"] = 0
-            losses.append(loss)
+            losses.append(result.loss)
         else:
             state["nonfinite_steps"] += 1
             state["nonfinite_in_a_row"] += 1
@@ -190,31 +212,15 @@ def train(
 
         record: dict[str, Any] = {}
         final = step == tc.max_steps
-        if step % config.logging.log_every == 0 or final or not math.isfinite(loss):
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            tokens_per_s = window_tokens / elapsed
-            seq_len = micro_batches[0]["input_ids"].shape[1]
-            mfu = (
-                tokens_per_s / acc.num_processes * flops_per_token(seq_len) / peak
-                if peak and flops_per_token is not None
-                else None
-            )
-            record = {
-                "loss": loss if math.isfinite(loss) else None,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s,
-                "mfu": mfu,
-                "memory_gib": peak_memory_gib(acc.device),
-                "tokens_seen": state["tokens_seen"],
-                "nonfinite_steps": state["nonfinite_steps"],
-            }
-            if hasattr(train_data, "tokens_per_source"):  # Open-Llama's training data category distribution
-                record["tokens_per_source"] = _sum_over_ranks(acc, train_data.tokens_per_source)
-            window_start, window_tokens = time.perf_counter(), 0
+        if step % config.logging.log_every == 0 or final or not math.isfinite(result.loss):
+            record = step_record(result, objective, scheduler.get_last_lr()[0], state)
+            record.update(throughput.take())
+            record["memory_gib"] = peak_memory_gib(acc.device)
+            for name, counts in train_data.counters().items():
+                record[name] = sum_over_ranks(acc, counts)
         if validator.should_run(step, final=final):
-            record.update(validator.run(model, loss_fn, count_fn, acc))
-        if sampler.should_run(step, final=final):
+            record.update(validator.run(model, objective, frozen, acc))
+        if sampler is not None and sampler.should_run(step, final=final):
             samples = sampler.run(model, acc)
             record["samples"] = samples
             for prompt, text in samples.items():
@@ -235,40 +241,80 @@ def train(
     return TrainResult(state["step"], final_dir, hf_dir, state["nonfinite_steps"], losses)
 
 
+def step_record(result: StepResult, objective: Objective, lr: float, state: dict[str, Any]) -> dict[str, Any]:
+    """The metrics line of a step: the objective's means (None when skipped) and what they derive to."""
+    finite = math.isfinite(result.loss)
+    record: dict[str, Any] = {name: value if finite else None for name, value in result.means.items()}
+    if finite:
+        record.update(objective.report(result.means))
+    record.update(
+        lr=lr,
+        grad_norm=result.grad_norm,
+        tokens_seen=state["tokens_seen"],
+        nonfinite_steps=state["nonfinite_steps"],
+    )
+    return record
+
+
+class Throughput:
+    """Tokens per second and model FLOPs utilisation over the steps since the last logged record."""
+
+    def __init__(self, acc: Accelerator, peak_override: float | None, flops_per_token: Callable | None):
+        self.acc = acc
+        self.peak = peak_flops_per_device(acc.device, peak_override)
+        self.flops_per_token = flops_per_token
+        self.start, self.tokens, self.seq_len = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int, *, seq_len: int) -> None:
+        self.tokens += tokens
+        self.seq_len = seq_len
+
+    def take(self) -> dict[str, float | None]:
+        """{'tokens_per_s', 'mfu'} of the window, and start a new one."""
+        tokens_per_s = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        mfu = None
+        if self.peak and self.flops_per_token is not None:
+            per_device = tokens_per_s / self.acc.num_processes
+            mfu = per_device * self.flops_per_token(self.seq_len) / self.peak
+        self.start, self.tokens = time.perf_counter(), 0
+        return {"tokens_per_s": tokens_per_s, "mfu": mfu}
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[dict[str, torch.Tensor]],
-    loss_fn: LossFn,
-    count_fn: CountFn,
+    micro_batches: list[Batch],
+    objective: Objective,
+    frozen: Mapping[str, nn.Module],
     acc: Accelerator,
     oc: OptimConfig,
     *,
     nan: bool = False,
-) -> tuple[float, float | None]:
-    """One optimizer step over the micro-batches; returns (global mean loss, grad norm).
+) -> StepResult:
+    """One optimizer step over the micro-batches: the global means of loss and metrics, and the grad norm.
 
     A non-finite loss on any rank skips the whole step on every rank (checked before each backward,
     so DeepSpeed, which steps inside backward, never applies it): grads are zeroed, weights untouched.
     So does a non-finite gradient norm behind a finite loss (returned as a NaN loss).
     """
-    counts = torch.stack([torch.as_tensor(count_fn(b)) for b in micro_batches]).to(acc.device, torch.float64)
+    counts = torch.stack([torch.as_tensor(objective.count(b)) for b in micro_batches])
+    counts = counts.to(acc.device, torch.float64)
     global_count = acc.reduce(counts.sum(), reduction="sum") if acc.num_processes > 1 else counts.sum()
     # accelerate/DeepSpeed divide by the accumulation steps and DDP/ZeRO average over ranks; this
-    # scale undoes both, so the update is the gradient of the token mean over the global batch.
+    # scale undoes both, so the update is the gradient of the exact mean over the global batch.
     scale = len(micro_batches) * acc.num_processes / global_count.clamp(min=1)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    sums: dict[str, torch.Tensor] = {}
     acc.step = 0  # accumulate() below closes the window on exactly the last micro-batch
     for batch, count in zip(micro_batches, counts):
         with acc.accumulate(model), acc.autocast():
-            loss = loss_fn(model, batch)
-            if nan:
-                loss = loss * float("nan")
+            out = objective(model, batch, frozen)
+            loss = out.loss * float("nan") if nan else out.loss
             if not _finite_everywhere(loss, acc):
                 _discard_gradients(model, optimizer, acc)
-                return float("nan"), None
+                return StepResult({"loss": float("nan")}, None)
             acc.backward(loss * (count * scale).to(loss.dtype))
-            loss_sum += loss.detach().double() * count
+        for name, value in {"loss": loss, **out.metrics}.items():
+            sums[name] = sums.get(name, 0) + value.detach().double() * count
     grad_norm = _clip(model, acc, oc.grad_clip)
     overflow = grad_norm is not None and not math.isfinite(grad_norm)
     if overflow and acc.scaler is None and acc.distributed_type != DistributedType.DEEPSPEED:
@@ -276,11 +322,19 @@ def train_step(
         # NaN in every weight. (fp16's GradScaler skips such steps itself while it lowers its scale;
         # DeepSpeed has already stepped inside backward.) The norm is global, so all ranks agree.
         _discard_gradients(model, optimizer, acc)
-        return float("nan"), grad_norm
+        return StepResult({"loss": float("nan")}, grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    total = acc.reduce(loss_sum, reduction="sum") if acc.num_processes > 1 else loss_sum
-    return (total / global_count.clamp(min=1)).item(), grad_norm
+    return StepResult(global_means(acc, sums, global_count), grad_norm)
+
+
+def global_means(acc: Accelerator, sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
+    """Count-weighted sums of this rank -> means over every rank's items."""
+    names = list(sums)
+    stacked = torch.stack([sums[n] for n in names])
+    if acc.num_processes > 1:
+        stacked = acc.reduce(stacked, reduction="sum")
+    return dict(zip(names, (stacked / count.clamp(min=1)).tolist()))
 
 
 def _finite_everywhere(loss: torch.Tensor, acc: Accelerator) -> bool:
@@ -311,14 +365,6 @@ def _clip(model: nn.Module, acc: Accelerator, max_norm: float) -> float | None:
     if norm is None:
         return None
     return float(norm)
-
-
-def _sum_over_ranks(acc: Accelerator, counts: dict[str, int]) -> dict[str, int]:
-    """Per-source token counts of the whole world (each rank counts only the rows it read)."""
-    names = sorted(counts)
-    local = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=acc.device)
-    total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
-    return {n: int(v) for n, v in zip(names, total.tolist())}
 
 
 def _bar_figures(record: dict[str, Any]) -> dict[str, str]:

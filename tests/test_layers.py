@@ -1,0 +1,89 @@
+"""Imports run one way: common/ -> data/ -> dataset/ -> models/ and training/ -> serve/ and the stage scripts.
+
+Every import statement of every module (function-level ones included) is read with `ast` and checked
+against the layer order of DESIGN.md: a package imports only the layers below it, models/ nothing of the
+data side or the loop, and nothing in a package or a stage script imports a stage script. bench/ and
+tests/ drive the stage scripts, so they may import them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE_SCRIPTS = {p.stem for p in REPO.glob("*.py")}
+ALLOWED: dict[str, set[str]] = {
+    "common": set(),
+    "data": {"common"},
+    "dataset": {"common", "data"},
+    "models": {"common"},
+    "training": {"common", "data", "dataset", "models"},
+    "serve": {"common", "data", "dataset", "models", "training"},
+}
+PACKAGES = set(ALLOWED)
+
+
+def project_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level name) of every import of a project package or stage script in `path`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top in PACKAGES or top in STAGE_SCRIPTS:
+                found.append((node.lineno, top))
+    return found
+
+
+def layer_of(path: Path) -> str:
+    relative = path.relative_to(REPO)
+    return relative.parts[0] if len(relative.parts) > 1 else "script"
+
+
+def modules() -> list[Path]:
+    packages = [p for package in PACKAGES for p in sorted((REPO / package).rglob("*.py"))]
+    return [*packages, *sorted(REPO.glob("*.py"))]
+
+
+def violations(path: Path) -> list[str]:
+    layer = layer_of(path)
+    allowed = ALLOWED.get(layer, PACKAGES)  # a stage script may import every package
+    bad = []
+    for line, top in project_imports(path):
+        if top == layer or (layer == "script" and top == path.stem):
+            continue
+        if top in STAGE_SCRIPTS or top not in allowed:
+            bad.append(f"{path.relative_to(REPO)}:{line} ({layer}) imports {top}")
+    return bad
+
+
+def test_every_import_follows_the_layer_order():
+    assert len(modules()) > 30
+    problems = [v for path in modules() for v in violations(path)]
+    assert not problems, "imports against the layer order:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("where", "source", "expected"),
+    [
+        ("models/x.py", "from training.loop import train\n", "(models) imports training"),
+        ("dataset/x.py", "def f():\n    from training import config\n", "(dataset) imports training"),
+        ("data/x.py", "import dataset.tokenizer\n", "(data) imports dataset"),
+        ("training/x.py", "from pretrain_llama import PretrainConfig\n", "(training) imports pretrain_llama"),
+        ("x_stage.py", "import pretrain_llama\n", "(script) imports pretrain_llama"),
+    ],
+)
+def test_the_check_catches_an_import_against_the_order(tmp_path, monkeypatch, where, source, expected):
+    fake = tmp_path / where
+    fake.parent.mkdir(parents=True, exist_ok=True)
+    fake.write_text(source)
+    monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
+    assert any(expected in v for v in violations(fake)), violations(fake)

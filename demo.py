@@ -30,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.files import write_atomic
+from common.processes import kill_with_parent
 from common.progress import ticking
 
 REPO = Path(__file__).resolve().parent
@@ -170,7 +171,8 @@ def step_pretrain(steps: list[Step], shards: Path, tokenizer: Path) -> Path:
             shutil.rmtree(run_dir)
         write_stamp(stamp, inputs)  # first, so that an interrupted run with the same inputs resumes
         command = [sys.executable, str(REPO / "pretrain_llama.py"), "--config", str(CONFIG), *overrides]
-        subprocess.run([*command, "--resume", "auto"], check=True, cwd=REPO)
+        # Killed (even with -9), the demo takes its training run with it: a rerun would train beside it.
+        subprocess.run([*command, "--resume", "auto"], check=True, cwd=REPO, preexec_fn=kill_with_parent())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
     speed = [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")]

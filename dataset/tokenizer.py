@@ -186,7 +186,10 @@ def build_hf_tokenizer(model_proto: bytes):
 def write_hf_files(tokdir: str | Path, *, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
     """Write the Hugging Face files next to `TOKDIR/tokenizer.model` (each file atomically)."""
     tokdir = Path(tokdir)
-    hf_tokenizer = build_hf_tokenizer((tokdir / SP_MODEL_FILE).read_bytes())
+    model_proto = (tokdir / SP_MODEL_FILE).read_bytes()
+    hf_tokenizer = build_hf_tokenizer(model_proto)
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
     roles = list(ROLE_TOKENS.values())
     special_tokens = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
     config = {
@@ -195,8 +198,16 @@ def write_hf_files(tokdir: str | Path, *, model_max_length: int = DEFAULT_MODEL_
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special_tokens,
         "additional_special_tokens": roles,
+        # What the tokenizer does, for readers that do not run tokenizer.json and would guess otherwise
+        # (docs/export.md): <s> first, no </s>, and no space put before the text. llama.cpp's converter
+        # (convert_hf_to_gguf.py) takes add_prefix_space as its `tokenizer.ggml.add_space_prefix`, which
+        # llama.cpp assumes true for a SentencePiece vocabulary when absent; transformers' LlamaTokenizer
+        # also prepends a space unless told. `legacy: false` asks loaders that still read it for the
+        # non-legacy Llama handling of text after special tokens.
         "add_bos_token": True,
         "add_eos_token": False,
+        "add_prefix_space": proto.normalizer_spec.add_dummy_prefix,
+        "legacy": False,
         "model_max_length": model_max_length,
         # Any clean-up would break decode(encode(x)) == x (e.g. " ." -> ".").
         "clean_up_tokenization_spaces": False,

@@ -1,11 +1,10 @@
-"""Peak memory of this process: what the training loop, the tokenizer trainer and the benchmarks report."""
+"""Peak resident memory of this process: what the training loop, the tokenizer trainer and the benchmarks
+report. (No torch import here: the corpus tools use it and should not pay for torch.)"""
 
 from __future__ import annotations
 
 import resource
 import sys
-
-import torch
 
 
 def peak_rss_bytes() -> int:
@@ -23,10 +22,3 @@ def peak_rss_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kilobytes
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak accelerator memory (CUDA) or peak resident set size of this process (CPU), in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return peak_rss_bytes() / 2**30

@@ -30,14 +30,13 @@ from accelerate import Accelerator, DistributedType
 from torch import nn
 
 from common.config import config_to_dict, save_config
-from common.memory import peak_memory_gib
 from models.kernels import compile_model
 from training import faults
 from training.checkpoint import Checkpointer
 from training.config import LoggingConfig, OptimConfig, TrainConfig
 from training.distributed import configure_deepspeed, prepare_frozen, sum_over_ranks
 from training.evaluation import Sampler, Validator
-from training.metrics import MetricsLogger, peak_flops_per_device
+from training.metrics import MetricsLogger, peak_flops_per_device, peak_memory_gib
 from training.objectives import Objective
 from training.optim import build_optimizer, build_scheduler
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from common.files import write_atomic
+from common.memory import peak_rss_bytes
 from training.config import LoggingConfig
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,13 @@ def peak_flops_per_device(device: torch.device, override: float | None = None) -
             return flops
     log.warning("no peak-FLOPs entry for %r: MFU shows n/a (set --train.peak_flops)", name)
     return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory (CUDA) or peak resident set size of this process (CPU), in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_bytes() / 2**30
 
 
 class MetricsLogger:

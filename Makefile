@@ -27,6 +27,10 @@ $(STAMP): requirements.txt requirements-distributed.txt pyproject.toml
 	# DeepSpeed builds against the torch above; build isolation would fetch another torch.
 	$(BIN)/python -m pip install -q --no-build-isolation -r requirements-distributed.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	# The chat page's browser test drives Debian's chromium (playwright cannot download one here); without
+	# it (no apt-get, not root) the test skips.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "no chromium: the browser test will skip"
 	touch $(STAMP)
 
 $(CONVERTER_STAMP): | $(STAMP)

@@ -23,6 +23,8 @@ SCRIPTS = {
     "dataloader": ["bench_dataloader.py"],
     "model": ["bench_model.py"],
     "train": ["bench_train.py"],
+    "sft": ["bench_sft.py"],
+    "serve": ["bench_serve.py"],
     "gpu": ["train_gpu.py", "--out", str(BENCH.parent / "runs" / "bench_gpu")],
 }
 

@@ -79,7 +79,7 @@ def parse_config(
             if section is not None and section is not tp:  # optional: its keys are parsed on their own
                 print(f"\nOptional section '{name}' (None unless one of its keys is given):")
                 wrapper = dataclasses.make_dataclass(cls.__name__, [(name, section)])
-                print(_parser(wrapper).format_help().split("\n\n", 2)[-1])
+                print(_parser(wrapper).format_help().split("\n\n", 3)[-1])
         raise SystemExit(0)
     config_path, overrides = _read_argv(argv, aliases)
     file: dict[str, Any] = {}
@@ -131,6 +131,8 @@ def _parser(cls: type, prog: str = "", aliases: dict[str, str] | None = None) ->
             # jsonargparse also offers `--<section> FILE` (a section from a file of its own). Hidden: the
             # checks and the error sources here know only --config and --section.key.
             parser._option_string_actions[f"--{name}"].help = argparse.SUPPRESS
+            if f"--{name}.help" in parser._option_string_actions:  # an optional section's class help
+                parser._option_string_actions[f"--{name}.help"].help = argparse.SUPPRESS
         if hasattr(tp, "preset_fields"):
             first_line = (inspect.getdoc(tp.preset_fields) or "A named preset.").splitlines()[0]
             help_text = f"{first_line} Every other key of the section overrides the preset."

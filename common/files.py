@@ -33,3 +33,15 @@ def replace_dir(new: str | Path, target: str | Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old)
+
+
+def apply_umask(folder: str | Path) -> None:
+    """Give `folder` and everything in it the permissions a plain mkdir / open would have: mkdtemp makes a
+    folder 0700 and safetensors writes 0600, which would hide a finished export from other users of a
+    shared machine."""
+    folder = Path(folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -19,29 +19,51 @@ def process_logits(
     logits: torch.Tensor,
     seen: torch.Tensor | None,
     *,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor | None,
+    top_p: float | torch.Tensor | None,
+    repetition_penalty: float | torch.Tensor,
 ) -> torch.Tensor:
-    """Next-token scores (B, V) after repetition penalty, temperature, top-k and top-p, in that order."""
+    """Next-token scores (B, V) after repetition penalty, temperature, top-k and top-p, in that order.
+
+    Each setting is one value for every row or a (B,) tensor of per-row values (the chat server decodes
+    requests with different settings in one batch). Per row, temperature 0 (greedy: the caller takes the
+    argmax, which no later step changes), top_k 0 or None and top_p 1 or None leave that step out.
+    """
     logits = logits.float()
-    if repetition_penalty != 1.0 and seen is not None:
+    vocab = logits.shape[-1]
+    penalty = _per_row(repetition_penalty, 1.0, logits)
+    if seen is not None and bool((penalty != 1.0).any()):
         # CTRL (Keskar et al. 2019): make every token already in the row less likely, whatever its sign.
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalised, logits)
-    if temperature > 0:
-        logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    temperature = _per_row(temperature, 0.0, logits)
+    if bool((temperature > 0).any()):
+        logits = logits / torch.where(temperature > 0, temperature, 1.0)
+    top_k = _per_row(top_k, 0, logits).long()
+    filter_k = (top_k > 0) & (top_k < vocab)
+    top_p = _per_row(top_p, 1.0, logits)
+    filter_p = (top_p > 0) & (top_p < 1)
+    if not bool((filter_k | filter_p).any()):
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    if bool(filter_k.any()):
+        kth = sorted_logits.gather(-1, torch.where(filter_k, top_k, vocab) - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if bool(filter_p.any()):
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays).
-        drop_sorted = (probs.cumsum(dim=-1) - probs) > top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs) > torch.where(filter_p, top_p, float("inf"))
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
+
+
+def _per_row(value: float | int | torch.Tensor | None, off: float, logits: torch.Tensor) -> torch.Tensor:
+    """A setting as a (B, 1) column for `logits` (B, V): None means `off`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=logits.device, dtype=torch.float32).reshape(-1, 1)
+    return torch.full((logits.shape[0], 1), off if value is None else float(value), device=logits.device)
 
 
 def _as_batch(input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) -> tuple[torch.Tensor, bool]:

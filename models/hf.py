@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from common.files import replace_dir
+from common.files import apply_umask, replace_dir
 from models.llama import Llama, ModelConfig, RunOptions
 
 OUR_CONFIG = "open_llama_config.json"
@@ -155,11 +155,14 @@ def export_hf(
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    stop_token_ids: Sequence[int] = (),
 ) -> Path:
     """Write `model` as a stock Hugging Face Llama folder at out_dir (atomically: temp folder, then rename).
 
     dtype: tensor dtype on disk (default: the model's). tokenizer_dir: a tokenizer folder whose files are
-    copied in and whose bos/eos/pad ids go to config.json and generation_config.json.
+    copied in and whose bos/eos/pad ids go to config.json and generation_config.json. stop_token_ids: more
+    ids that end generation besides eos (a chat model's end-of-turn token), listed with it as
+    generation_config.json's eos_token_id, which transformers' generate() and vLLM stop at.
     """
     out_dir = Path(out_dir)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
@@ -180,7 +183,11 @@ def export_hf(
         config = {**hf_config_dict(model.config, tie_word_embeddings=tied, dtype=disk_dtype), **special}
         _write_json(tmp / "config.json", config)
         # No max_length: it would override callers' max_new_tokens with a warning in transformers.
-        _write_json(tmp / "generation_config.json", special)
+        generation = dict(special)
+        if stop_token_ids:
+            stops = [special["eos_token_id"], *stop_token_ids]
+            generation["eos_token_id"] = list(dict.fromkeys(i for i in stops if i is not None))
+        _write_json(tmp / "generation_config.json", generation)
         _write_json(tmp / OUR_CONFIG, model.config.to_dict())
         if extra:
             save_file(extra, tmp / OUR_EXTRA, metadata={"format": "pt"})
@@ -188,7 +195,7 @@ def export_hf(
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).is_file():
                     shutil.copy2(tokenizer_dir / name, tmp / name)
-        _apply_umask(tmp)
+        apply_umask(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,16 +205,6 @@ def export_hf(
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _apply_umask(folder: Path) -> None:
-    """Give `folder` and its files the permissions a plain mkdir / open would have: mkdtemp makes the folder
-    0700 and safetensors writes 0600, which would hide the export from other users of a shared machine."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ and process, never an error, so a config written for a GPU cluster still loads o
 Both fused cross-entropies compute the LM head and the loss over chunks of tokens, so the
 (tokens x vocab) float32 logits (2 GiB for 8 x 2048 tokens and a 32k vocabulary, plus their gradient)
 never exist at once; the model then returns no logits when it is given labels. "liger" falls back to
-"chunked" when Liger cannot run.
+"chunked" when Liger cannot run. Every path can also give the token accuracy (how many targets are the
+argmax) with `with_accuracy=True`, from the chunk logits it already has, so a metric needs no logits.
 
 `compile_model` applies torch.compile per decoder block (torchtitan's recipe), outside the model; the
 training loop calls it for `train.compile: true`. Fused AdamW is chosen in training/optim.py.
@@ -67,11 +68,10 @@ class Kernels:
     """(q (B, Hq, T, D), k (B, Hkv, T, D), cos (B, T, D), sin (B, T, D)) -> rotated (q, k)."""
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """(gate, up) -> silu(gate) * up."""
-    linear_cross_entropy: Callable[
-        [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]
-    ]
+    linear_cross_entropy: Callable[..., tuple[torch.Tensor, ...]]
     """(hidden (B, T, D), head weight (V, D), targets (B, T) already shifted, -100 ignored) ->
-    (mean token cross-entropy, logits or None when they were never materialised)."""
+    (mean token cross-entropy, logits or None when they were never materialised); with the keyword
+    `with_accuracy=True`, a third value: the fraction of targets that are the argmax (no gradient)."""
     names: dict[str, str] = dataclasses.field(default_factory=dict)
     """What was chosen for each switched-on operation ("liger", "chunked", or "torch" after a fallback)."""
 
@@ -109,8 +109,8 @@ def liger_unavailable_reason() -> str | None:
 def _cuda_or(fast: Callable[..., Any], reference: Callable[..., Any]) -> Callable[..., Any]:
     """Call `fast` on CUDA tensors and `reference` otherwise (a GPU-trained model used on the CPU)."""
 
-    def kernel(x: torch.Tensor, *args: Any) -> Any:
-        return fast(x, *args) if x.is_cuda else reference(x, *args)
+    def kernel(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return fast(x, *args, **kwargs) if x.is_cuda else reference(x, *args, **kwargs)
 
     kernel.__name__ = getattr(fast, "__name__", "kernel")
     return kernel
@@ -200,12 +200,19 @@ def _liger_linear_cross_entropy() -> Callable[..., tuple[torch.Tensor, None]]:
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
     loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+    with_accuracy_fn = LigerFusedLinearCrossEntropyLoss(
+        ignore_index=IGNORE_INDEX, reduction="mean", return_token_accuracy=True
+    )
 
     def linear_cross_entropy(
-        hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, None]:
+        hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, with_accuracy: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         # Liger runs its chunk matmuls under the caller's autocast, so bf16 autocast applies as usual.
-        return loss_fn(weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)), None
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if not with_accuracy:
+            return loss_fn(weight, hidden, targets), None
+        out = with_accuracy_fn(weight, hidden, targets)
+        return out.loss, None, out.token_accuracy.detach()
 
     return linear_cross_entropy
 
@@ -241,16 +248,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Computing the gradients while the chunk's logits exist (instead of recomputing them in backward)
     keeps the FLOPs of the plain path: three matmuls per chunk. Backward only scales the stored gradients.
+    Also returns the number of targets that are their row's argmax (no gradient; for the accuracy metric).
     """
 
     @staticmethod
     def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n_valid = (targets != IGNORE_INDEX).sum().to(torch.float32)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             raw = h @ weight.t()  # in the autocast dtype when autocast is on (bf16 on GPU)
@@ -258,6 +267,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = t != IGNORE_INDEX
             safe_t = t.masked_fill(~valid, 0)[:, None]
             target_logits = logits.gather(1, safe_t).squeeze(1)
+            correct += ((logits.argmax(dim=-1) == t) & valid).sum()  # before `logits` is overwritten
             # Log-sum-exp by hand so that its exponentials are reused: `logits` becomes exp(logits - max) in
             # place, the softmax numerator, instead of logsumexp's own copy plus a second exp for the gradient.
             row_max = logits.amax(dim=-1, keepdim=True)
@@ -282,10 +292,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight += grad.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return loss_sum / n_valid
+        ctx.mark_non_differentiable(correct)
+        return loss_sum / n_valid, correct
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad_loss: torch.Tensor, _grad_correct: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
             grad_hidden * grad_loss.to(grad_hidden.dtype),
@@ -296,23 +309,36 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
-) -> tuple[torch.Tensor, None]:
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int | None = None,
+    *,
+    with_accuracy: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Mean token cross-entropy of `hidden @ weight.T` against `targets` (-100 ignored), never holding the
-    full (tokens, vocab) logits: chunks of `chunk_size` tokens (default: `default_chunk_size`)."""
+    full (tokens, vocab) logits: chunks of `chunk_size` tokens (default: `default_chunk_size`).
+
+    Returns (loss, None), or with `with_accuracy` (loss, None, fraction of targets that are the argmax)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
+    n_valid = (targets != IGNORE_INDEX).sum()
     chunk_size = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size), None
-    # No backward to prepare for (validation): the loss alone, chunk by chunk.
-    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = (hidden[start : start + chunk_size] @ weight.t()).float()
-        loss_sum += torch.nn.functional.cross_entropy(
-            logits, targets[start : start + chunk_size], ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-    return loss_sum / (targets != IGNORE_INDEX).sum(), None
+        loss, correct = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    else:
+        # No backward to prepare for (validation): the loss alone, chunk by chunk.
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = (hidden[start : start + chunk_size] @ weight.t()).float()
+            t = targets[start : start + chunk_size]
+            loss_sum += torch.nn.functional.cross_entropy(
+                logits, t, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            correct += (logits.argmax(dim=-1) == t).sum()  # an ignored target (-100) is never an argmax
+        loss = loss_sum / n_valid
+    return (loss, None, correct / n_valid) if with_accuracy else (loss, None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ chosen per run and never part of the saved ModelConfig.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -37,7 +38,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from common import IGNORE_INDEX
-from models.attention import AttentionBackend, get_attention_backend
+from models.attention import (
+    AttentionBackend,
+    DenseMask,
+    PackageBackend,
+    PackedMask,
+    SdpaBackend,
+    get_attention_backend,
+)
 from models.kernels import CROSS_ENTROPY_CHOICES, Kernels, chunked_linear_cross_entropy, select_kernels
 
 # --------------------------------------------------------------------------------------------------
@@ -294,9 +302,17 @@ def rotate_queries_keys(
 
 
 class KVCache:
-    """Static key/value cache of fixed maximum length for generation (gpt-fast style: allocated once).
+    """Static key/value cache (gpt-fast's design): buffers allocated once for `batch_size` rows of `max_len`
+    positions and written in place at each row's current position, so a decoding step always sees the same
+    buffers.
 
-    It also remembers every cached position's document id, so left-padded prompts (padding = its own
+    Every row keeps its own length (`lengths`, on the host: shapes and slices are read from it without a
+    device sync). generate() keeps the rows of a batch level; the chat server's engine (serve/engine.py)
+    gives each row (slot) to one request, so rows are at different positions, and a row is reset for a new
+    request by setting its length to 0 while the others carry on. `rows(start, stop)` is a view of some rows
+    sharing the buffers (one request's prefill into its slot).
+
+    The cache also remembers every cached position's document id, so left-padded prompts (padding = its own
     document) and packed prompts stay masked correctly while decoding.
     """
 
@@ -313,24 +329,90 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.document_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
         self.max_len = max_len
-        self.length = 0
+        # Where the forward in progress writes: every row from column `_start` (rows level), or per row at
+        # `_columns` (B, T); and how many columns its attention reads.
+        self._start = 0
+        self._columns: torch.Tensor | None = None
+        self._kv_len = 0
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view of rows [start, stop): writes through it (and its length updates) land in this cache."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.document_ids, view.lengths = self.document_ids[start:stop], self.lengths[start:stop]
+        return view
+
+    @property
+    def length(self) -> int:
+        """The rows' common length (generate()'s batches keep their rows level)."""
+        if not bool((self.lengths == self.lengths[0]).all()):
+            raise ValueError(f"the rows have different lengths {self.lengths.tolist()}")
+        return int(self.lengths[0])
+
+    def begin(
+        self, position_ids: torch.Tensor | None, t: int, backend: AttentionBackend, device: torch.device
+    ) -> tuple[torch.Tensor, Any]:
+        """Start a forward of `t` new positions per row, each row after its own length: record their documents
+        (a new one wherever the position restarts at 0, or a row starts empty) and return the position ids
+        (default: continuing each row) and the attention mask over the cache."""
+        lengths = self.lengths
+        longest = int(lengths.max())
+        if longest + t > self.max_len:
+            raise ValueError(f"KV cache full: {longest} + {t} positions > max_len {self.max_len}")
+        self._kv_len = longest + t
+        level = bool((lengths == longest).all())
+        row_lengths = lengths.to(device)
+        columns = row_lengths[:, None] + torch.arange(t, device=device)
+        if position_ids is None:
+            position_ids = columns
+        starts = position_ids == 0
+        starts[:, 0] |= row_lengths == 0
+        last = self.document_ids.gather(1, (row_lengths - 1).clamp(min=0)[:, None])
+        new_documents = torch.where(row_lengths[:, None] > 0, last, 0) + starts.long().cumsum(dim=1)
+        documents = self.document_ids[:, : self._kv_len]
+        if level:  # plain slices, and a mask from the backend itself (flex builds block masks)
+            self._start, self._columns = longest, None
+            self.document_ids[:, longest : self._kv_len] = new_documents
+            mask = backend.prepare(q_len=t, kv_len=self._kv_len, document_ids=documents, device=device)
+            return position_ids, mask
+        self._columns = columns
+        self.document_ids.scatter_(1, columns, new_documents)
+        allowed = torch.arange(self._kv_len, device=device) <= columns[:, :, None]  # causal, per row
+        query_documents = documents.gather(1, columns)
+        allowed &= query_documents[:, :, None] == documents[:, None, :]
+        return position_ids, rows_mask(backend, allowed[:, None])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for `layer`; return all cached ones so far (this step included)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if self._columns is None:
+            end = self._start + k.shape[2]
+            self.k[layer, :, :, self._start : end] = k
+            self.v[layer, :, :, self._start : end] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, :, self._columns] = k.transpose(1, 2)
+            self.v[layer][rows, :, self._columns] = v.transpose(1, 2)
+        return self.k[layer, :, :, : self._kv_len], self.v[layer, :, :, : self._kv_len]
 
-    def append_documents(self, starts: torch.Tensor) -> torch.Tensor:
-        """Record the new positions' documents (a new one wherever `starts`); return ids of all positions."""
-        t = starts.shape[1]
-        if self.length + t > self.max_len:
-            raise ValueError(f"KV cache full: {self.length} + {t} positions > max_len {self.max_len}")
-        base = self.document_ids[:, self.length - 1 : self.length] if self.length else 0
-        self.document_ids[:, self.length : self.length + t] = base + starts.long().cumsum(dim=1)
-        return self.document_ids[:, : self.length + t]
+    def end(self, t: int) -> None:
+        """Finish the forward: every row is `t` positions longer."""
+        self.lengths += t
+
+
+def rows_mask(backend: AttentionBackend, allowed: torch.Tensor) -> Any:
+    """The mask for rows at different cache positions, an explicit (B, 1, Tq, Tk) boolean mask: the backends
+    that take one (sdpa, eager, and the package kernels, which decode through sdpa anyway)."""
+    dense = DenseMask(allowed, is_causal=False)
+    if isinstance(backend, SdpaBackend):
+        return dense
+    if isinstance(backend, PackageBackend):
+        return PackedMask(None, None, 0, fallback=dense)
+    raise ValueError(
+        f"attention backend {backend.name!r} cannot attend from rows at different cache positions; "
+        "use sdpa or eager (the chat server does)"
+    )
 
 
 class Attention(nn.Module):
@@ -441,13 +523,15 @@ class CausalLMOutput:
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
+    """With labels and `return_token_accuracy`: the fraction of target tokens that are the argmax."""
 
 
-def document_starts(position_ids: torch.Tensor, continues_cache: bool) -> torch.Tensor:
-    """True where a new document starts: its position restarts at 0, or a row begins (unless it continues a cache)."""
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """True where a new document starts: its position restarts at 0, or a row begins (KVCache.begin does the
+    same for rows that continue a cache)."""
     starts = position_ids == 0
-    if not continues_cache:
-        starts[:, 0] = True
+    starts[:, 0] = True
     return starts
 
 
@@ -538,6 +622,7 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        return_token_accuracy: bool = False,
     ) -> CausalLMOutput:
         """Logits for every position (or the last `logits_to_keep`), and the loss when `labels` are given.
 
@@ -546,23 +631,24 @@ class Llama(nn.Module):
             and no logits are returned (`.logits` is None); call `.eval()` for the logits with the loss.
         position_ids: (B, T); where they restart at 0 a new document starts: rotary positions restart and
             attention never crosses documents (packed rows). Without them a row is one causal sequence.
-        kv_cache: a KVCache; its positions come before input_ids and it is advanced by T.
+        kv_cache: a KVCache; each row's cached positions come before its input_ids (rows may be at different
+            positions), and every row is advanced by T.
+        return_token_accuracy: with labels, also the fraction of targets that are the argmax (a metric: every
+            loss kernel counts it from the chunk logits it already has, so no full logits are needed).
         """
         b, t = input_ids.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        document_ids = None
         if kv_cache is not None:
             # The cache always tracks documents, so left padding from the prefill stays masked while decoding.
-            if position_ids is None:
-                position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
-            document_ids = kv_cache.append_documents(document_starts(position_ids, continues_cache=past > 0))
-        elif position_ids is not None:
-            document_ids = document_starts(position_ids, continues_cache=False).long().cumsum(dim=1)
+            position_ids, mask = kv_cache.begin(position_ids, t, self.attention_backend, input_ids.device)
         else:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        mask = self.attention_backend.prepare(
-            q_len=t, kv_len=past + t, document_ids=document_ids, device=input_ids.device
-        )
+            document_ids = None
+            if position_ids is not None:
+                document_ids = document_starts(position_ids).long().cumsum(dim=1)
+            else:
+                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            mask = self.attention_backend.prepare(
+                q_len=t, kv_len=t, document_ids=document_ids, device=input_ids.device
+            )
 
         x = self.embed(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
@@ -573,12 +659,17 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache)
         x = self.model.norm(x)
         if kv_cache is not None:
-            kv_cache.length += t
+            kv_cache.end(t)
 
         if labels is not None:
             lm_head_and_loss = self.kernels.linear_cross_entropy
             if self.options.fused_cross_entropy == "auto" and self.training:
                 lm_head_and_loss = chunked_linear_cross_entropy
+            if return_token_accuracy:
+                loss, logits, accuracy = lm_head_and_loss(
+                    x, self.lm_head.weight, shift_labels(labels), with_accuracy=True
+                )
+                return CausalLMOutput(loss=loss, logits=logits, token_accuracy=accuracy)
             loss, logits = lm_head_and_loss(x, self.lm_head.weight, shift_labels(labels))
             return CausalLMOutput(loss=loss, logits=logits)
         if logits_to_keep:
@@ -623,11 +714,17 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference LM head + loss: the full logits, then the mean cross-entropy against shifted targets."""
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, with_accuracy: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """The reference LM head + loss: the full logits, then the mean cross-entropy against shifted targets
+    (and, `with_accuracy`, the fraction of targets that are the argmax)."""
     logits = F.linear(hidden, weight)
-    return token_cross_entropy(logits, targets), logits
+    loss = token_cross_entropy(logits, targets)
+    if not with_accuracy:
+        return loss, logits
+    valid = targets != IGNORE_INDEX
+    hits = (logits.detach().argmax(dim=-1) == targets) & valid
+    return loss, logits, hits.sum() / valid.sum()
 
 
 # The PyTorch implementations the model starts from; models/kernels.py swaps in fused ones by config.

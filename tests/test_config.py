@@ -345,3 +345,33 @@ def test_the_saved_config_loads_back_equal(tmp_path):
     assert load_config(Run, tmp_path / "config.yaml") == config
     assert load_config(Run, config_to_dict(config)) == config
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+
+
+@dataclasses.dataclass
+class FineTune:
+    """A run whose model comes from elsewhere unless a model section is given."""
+
+    init: str = ""
+    """Where the model comes from."""
+    model: ModelConfig | None = None
+    """Optional: a new model of this shape."""
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+
+def test_an_optional_section_is_none_unless_one_of_its_keys_is_given(tmp_path, capsys):
+    assert parse(tmp_path, "init: some/model\noptim: {lr: 1e-5}\n", cls=FineTune).model is None
+    from_file = parse(tmp_path, "model: {preset: tiny, dim: 128}\n", "--model.n_layers", "2", cls=FineTune)
+    assert (from_file.model.dim, from_file.model.n_layers, from_file.model.n_heads) == (128, 2, 4)
+    assert from_file.model.intermediate_size == llama_intermediate_size(128)  # derived from the final values
+    assert parse(tmp_path, None, "--model.preset", "tiny", cls=FineTune).model == ModelConfig.from_preset(
+        "tiny"
+    )
+    assert error(tmp_path, None, "--model.dimm", "3", cls=FineTune).startswith(
+        "unknown option --model.dimm (did you mean 'dim'?)"
+    )
+    assert "must be int, got 'x'" in error(tmp_path, "model: {dim: x}\n", cls=FineTune)
+    save_config(from_file, tmp_path / "saved.yaml")
+    assert load_config(FineTune, tmp_path / "saved.yaml") == from_file
+    with pytest.raises(SystemExit):
+        parse(tmp_path, None, "--help", cls=FineTune)
+    assert "Optional section 'model'" in capsys.readouterr().out

@@ -228,9 +228,10 @@ def test_chat_template_renders_role_tokens(synthetic_tokdir):
         messages, add_generation_prompt=True, tokenize=True, return_dict=False, sanitize_control_tokens=True
     )
     r = tok.role_ids
-    assert ids[:2] == [tok.bos_id, r["system"]] and ids[-2:] == [r["assistant"], *tok.encode("\n")]
+    # The full format, token for token, is tested in tests/test_chat_template.py.
+    assert ids[:2] == [tok.bos_id, r["system"]] and ids[-1] == r["assistant"]
     assert ids.count(r["end"]) == 2  # the user's "<|end|>" stays text
-    assert hf.decode(ids, skip_special_tokens=True) == "\nBe brief.\n\nSay <|end|> please\n\n"
+    assert hf.decode(ids, skip_special_tokens=True) == "Be brief.Say <|end|> please"
     with pytest.raises(Exception, match="unknown chat role"):
         hf.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 

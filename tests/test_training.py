@@ -330,7 +330,8 @@ class AgreementWithReference(CausalLMObjective):
 
     def __call__(self, model, batch, frozen):
         reference = frozen["reference"]
-        assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+        assert not getattr(reference, "module", reference).training  # (DeepSpeed wraps it in an engine)
+        assert not any(p.requires_grad for p in reference.parameters())
         model_out = model(**batch)
         with torch.no_grad():
             ref_logits = reference(batch["input_ids"]).logits

@@ -56,13 +56,23 @@ class Objective(ABC):
 
 class CausalLMObjective(Objective):
     """Next-token cross-entropy, the mean over target tokens: labels that are not IGNORE_INDEX after the
-    shift. Pretraining uses it as is; a stage that masks its prompts does so through the labels."""
+    shift. Pretraining uses it as is; a stage that masks its prompts does so through the labels.
+
+    With `token_accuracy`, also the fraction of target tokens that are the model's argmax (the metric
+    `token_accuracy`), over the same tokens as the loss; the model computes it beside the loss without
+    materialising the logits."""
+
+    def __init__(self, *, token_accuracy: bool = False) -> None:
+        self.token_accuracy = token_accuracy
 
     def count(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def __call__(self, model: nn.Module, batch: Batch, frozen: Mapping[str, nn.Module]) -> ObjectiveOutput:
-        return ObjectiveOutput(model(**batch).loss)
+        if not self.token_accuracy:
+            return ObjectiveOutput(model(**batch).loss)
+        out = model(**batch, return_token_accuracy=True)
+        return ObjectiveOutput(out.loss, {"token_accuracy": out.token_accuracy})
 
     def shape(self, batch: Batch) -> tuple[int, int]:
         rows, length = batch["input_ids"].shape

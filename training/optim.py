@@ -46,7 +46,9 @@ def build_optimizer(
     parameters will train: the loop builds the optimizer before accelerate's `prepare` moves the model
     there (without it, where the parameters are now decides).
     """
-    groups = param_groups(model, config.weight_decay)
+    # An empty group (LoRA trains no norm or embedding) is left out: DeepSpeed drops empty groups, and the
+    # schedule, built on the optimizer's groups, would then no longer match them.
+    groups = [group for group in param_groups(model, config.weight_decay) if group["params"]]
     device_types = (
         {device.type} if device is not None else {p.device.type for g in groups for p in g["params"]}
     )

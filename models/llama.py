@@ -517,6 +517,35 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps, kernels.rms_norm)
 
 
+class LMHead(nn.Linear):
+    """The output projection, and with targets the loss through the chosen kernel (models/kernels.py).
+
+    The loss kernels read the head's weight themselves (the chunked ones never build the full logits), so
+    they run inside this module's call: engines that gather a module's sharded parameters around its forward
+    and backward (DeepSpeed ZeRO-3) then see every use of the weight.
+    """
+
+    def __init__(self, dim: int, vocab_size: int, linear_cross_entropy: Callable[..., Any]) -> None:
+        super().__init__(dim, vocab_size, bias=False)
+        self.linear_cross_entropy = linear_cross_entropy
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        chunked: bool = False,
+        with_accuracy: bool = False,
+    ) -> Any:
+        """Logits; or with (shifted) targets (loss, logits or None[, token accuracy])."""
+        if targets is None:
+            return F.linear(x, self.weight)
+        kernel = chunked_linear_cross_entropy if chunked else self.linear_cross_entropy
+        if with_accuracy:
+            return kernel(x, self.weight, targets, with_accuracy=True)
+        return kernel(x, self.weight, targets)
+
+
 @dataclass
 class CausalLMOutput:
     """What Llama.forward returns: the mean token loss (when labels are given) and the logits."""
@@ -549,7 +578,7 @@ class Llama(nn.Module):
         self.kernels = select_kernels(self.options, REFERENCE_KERNELS)
         self.model = LlamaModel(config, self.attention_backend, self.kernels)
         self.rotary = RotaryEmbedding(config)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.dim, config.vocab_size, self.kernels.linear_cross_entropy)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()
@@ -662,15 +691,12 @@ class Llama(nn.Module):
             kv_cache.end(t)
 
         if labels is not None:
-            lm_head_and_loss = self.kernels.linear_cross_entropy
-            if self.options.fused_cross_entropy == "auto" and self.training:
-                lm_head_and_loss = chunked_linear_cross_entropy
+            chunked = self.options.fused_cross_entropy == "auto" and self.training
+            targets = shift_labels(labels)
             if return_token_accuracy:
-                loss, logits, accuracy = lm_head_and_loss(
-                    x, self.lm_head.weight, shift_labels(labels), with_accuracy=True
-                )
+                loss, logits, accuracy = self.lm_head(x, targets, chunked=chunked, with_accuracy=True)
                 return CausalLMOutput(loss=loss, logits=logits, token_accuracy=accuracy)
-            loss, logits = lm_head_and_loss(x, self.lm_head.weight, shift_labels(labels))
+            loss, logits = self.lm_head(x, targets, chunked=chunked)
             return CausalLMOutput(loss=loss, logits=logits)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

@@ -568,6 +568,68 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         assert abs(a - b) < 1e-5 and abs(a - c) < 1e-5, (one, two, accumulated)
 
 
+FROZEN_DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from tests.test_training import AgreementWithReference, RowStream, tiny_run
+    from models.llama import Llama
+    from training.distributed import build_accelerator
+    from training.loop import train
+
+    out = Path(sys.argv[1])
+    config = tiny_run(out, max_steps=4, eval_every=2)
+    accelerator = build_accelerator(config.train)
+    torch.manual_seed(0)
+    model, reference = Llama(config.model), Llama(config.model)
+    reference.load_state_dict(model.state_dict())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    class Split(RowStream):
+        def __iter__(self):
+            for batch in RowStream.__iter__(self):
+                yield {k: v[rank::world] for k, v in batch.items()}
+    val = [b for b, _ in zip(RowStream(), range(2))]
+    train(model, Split(), AgreementWithReference(), config=config, accelerator=accelerator, val_data=val,
+          frozen={"reference": reference})
+    if accelerator.is_main_process:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        print("RECORDS", json.dumps(records))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed_zero3", "fsdp"])
+def test_a_frozen_model_is_sharded_like_the_policy_and_two_processes_match_one(tmp_path, backend):
+    """Under ZeRO-3 and FSDP the policy and its frozen reference are sharded over two CPU processes; the
+    losses and the reference-dependent metric equal one process's, so every use of a sharded weight (the LM
+    head inside the chunked loss included) saw the whole weight."""
+    if backend == "deepspeed_zero3":
+        pytest.importorskip("deepspeed")
+    script = tmp_path / "frozen.py"
+    script.write_text(FROZEN_DRIVER)
+    names = ("loss", "drift_from_reference", "val_loss")
+
+    def run(launcher: list[str], out: Path) -> list[tuple]:
+        cmd = [*launcher, str(script), str(out)]
+        result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        line = next(x for x in result.stdout.splitlines() if x.startswith("RECORDS"))
+        records = json.loads(line.split(" ", 1)[1])
+        return [tuple(r.get(n) for n in names) for r in records]
+
+    one = run([PYTHON], tmp_path / "one")
+    accelerate = [str(Path(PYTHON).parent / "accelerate"), "launch", "--num_processes", "2"]
+    two = run(
+        [*accelerate, "--config_file", str(REPO / f"configs/accelerate/{backend}.yaml")], tmp_path / "two"
+    )
+    assert len(one) == len(two) == 4
+    assert one[0][1] == pytest.approx(0.0, abs=1e-5) and one[-1][1] > 0  # the policy moved off the reference
+    for a, b in zip(one, two):
+        assert a == pytest.approx(b, abs=1e-5), (one, two)
+
+
 READER_DRIVER = textwrap.dedent(
     """
     import json, sys

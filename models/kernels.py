@@ -267,10 +267,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = t != IGNORE_INDEX
             safe_t = t.masked_fill(~valid, 0)[:, None]
             target_logits = logits.gather(1, safe_t).squeeze(1)
-            correct += ((logits.argmax(dim=-1) == t) & valid).sum()  # before `logits` is overwritten
             # Log-sum-exp by hand so that its exponentials are reused: `logits` becomes exp(logits - max) in
             # place, the softmax numerator, instead of logsumexp's own copy plus a second exp for the gradient.
             row_max = logits.amax(dim=-1, keepdim=True)
+            # The target is the argmax when its logit is the row's maximum: free here, where an argmax
+            # would be one more pass over the (chunk x vocab) logits in every training step.
+            correct += ((target_logits >= row_max.squeeze(1)) & valid).sum()
             probs = logits.sub_(row_max).exp_()
             row_sum = probs.sum(dim=-1, keepdim=True)
             lse = row_sum.log().add_(row_max).squeeze(1)
@@ -336,7 +338,8 @@ def chunked_linear_cross_entropy(
             loss_sum += torch.nn.functional.cross_entropy(
                 logits, t, ignore_index=IGNORE_INDEX, reduction="sum"
             )
-            correct += (logits.argmax(dim=-1) == t).sum()  # an ignored target (-100) is never an argmax
+            if with_accuracy:
+                correct += (logits.argmax(dim=-1) == t).sum()  # an ignored target (-100) is never an argmax
         loss = loss_sum / n_valid
     return (loss, None, correct / n_valid) if with_accuracy else (loss, None)
 

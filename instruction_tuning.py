@@ -35,7 +35,7 @@ from training.checkpoint import CheckpointError
 from training.config import LoggingConfig, OptimConfig, TrainConfig
 from training.distributed import build_accelerator
 from training.evaluation import Sampler
-from training.loop import NonFiniteLossError, seed_everything, train
+from training.loop import NonFiniteLossError, finish_run, seed_everything, train
 from training.lora import LoraConfig, add_lora, checkpoint_trainable_only, peft_model_from_state, save_adapter
 from training.neftune import add_neftune
 from training.objectives import CausalLMObjective
@@ -222,13 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         train_data.close()
         if val_data is not None:
             val_data.close()
-    if accelerator.is_main_process:
-        print(
-            f"done: {result.step} steps, last checkpoint {result.final_checkpoint}, "
-            f"{result.nonfinite_steps} step(s) skipped for a non-finite loss",
-            flush=True,
-        )
-    accelerator.end_training()
+    finish_run(accelerator, result)
     return 0
 
 

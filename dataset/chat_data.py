@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -50,6 +49,7 @@ from common.files import replace_dir, write_atomic
 from common.randomness import mix_seed, name_seed, seeded_permutation
 from dataset.chat_sources import FORMATS, ChatRecord, ChatSource, iter_source, parse_sources
 from dataset.chat_template import CHAT_TEMPLATE, ChatTokenizer, RenderedChat, render_chats
+from dataset.mixing import check_weights
 from dataset.text_units import is_held_out
 
 PREPARED_VERSION = 1
@@ -115,14 +115,7 @@ class ChatDataConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        mixture = {}
-        for source, weight in self.mixture.items():
-            if not (isinstance(weight, int | float) and weight >= 0 and math.isfinite(weight)):
-                raise ValueError(f"weight of {source!r} must be a finite number >= 0, got {weight!r}")
-            mixture[str(source)] = float(weight)
-        if mixture and not any(mixture.values()):
-            raise ValueError("every source weight is 0: nothing to train on")
-        self.mixture = mixture
+        self.mixture = check_weights(self.mixture)
 
 
 # ---------------------------------------------------------------------------------------------------

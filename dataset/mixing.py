@@ -9,10 +9,27 @@ reads its groups one after another, each once.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import math
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from dataset.document_order import Document, GroupStream, Ref
+
+
+def check_weights(mixture: Mapping[Any, Any]) -> dict[str, float]:
+    """A config's `mixture` as {source: weight}: each weight a finite number >= 0, not all of them 0."""
+    weights = {}
+    for source, weight in mixture.items():
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"mixture weight of {source!r} must be a number, got {weight!r}") from None
+        if not (weight >= 0 and math.isfinite(weight)):
+            raise ValueError(f"mixture weight of {source!r} must be finite and >= 0, got {weight}")
+        weights[str(source)] = weight
+    if weights and not any(weights.values()):
+        raise ValueError("every mixture weight is 0: nothing to train on")
+    return weights
 
 
 class Mixer:

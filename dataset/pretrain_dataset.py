@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ import orjson
 from data.shard_io import ShardError
 from dataset.document_order import Document, GroupStream, OrderSettings
 from dataset.loader import PackedLoader
-from dataset.mixing import Mixer
+from dataset.mixing import Mixer, check_weights
 from dataset.packing import PackedRow, Packer
 from dataset.shards import Group, plan_groups
 from dataset.text_units import TextTokenizer, TextUnitRequest, tokenize_unit
@@ -119,18 +118,7 @@ class PretrainDataConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        mixture = {}
-        for source, weight in self.mixture.items():
-            try:
-                weight = float(weight)
-            except (TypeError, ValueError):
-                raise ValueError(f"mixture weight of {source!r} must be a number, got {weight!r}") from None
-            if not (weight >= 0 and math.isfinite(weight)):
-                raise ValueError(f"mixture weight of {source!r} must be finite and >= 0, got {weight}")
-            mixture[str(source)] = weight
-        if mixture and not any(mixture.values()):
-            raise ValueError("every mixture weight is 0: nothing to train on")
-        self.mixture = mixture
+        self.mixture = check_weights(self.mixture)
 
     @property
     def held_out_fraction(self) -> float:

@@ -240,6 +240,17 @@ def train(
     return TrainResult(state["step"], final_dir, hf_dir, state["nonfinite_steps"], losses)
 
 
+def finish_run(accelerator: Accelerator, result: TrainResult) -> None:
+    """Every stage's last words: a summary line (main process), then accelerate's end of training."""
+    if accelerator.is_main_process:
+        print(
+            f"done: {result.step} steps, last checkpoint {result.final_checkpoint}, "
+            f"{result.nonfinite_steps} step(s) skipped for a non-finite loss",
+            flush=True,
+        )
+    accelerator.end_training()
+
+
 def step_record(result: StepResult, objective: Objective, lr: float, state: dict[str, Any]) -> dict[str, Any]:
     """The metrics line of a step: the objective's means (None when skipped) and what they derive to."""
     finite = math.isfinite(result.loss)

@@ -15,7 +15,7 @@ CONVERTER_DIR    := $(VENV)/llama.cpp
 CONVERTER_STAMP  := $(CONVERTER_DIR)/.llama-cpp-python-$(LLAMA_CPP_PYTHON)
 LLAMA_CPP_SRC    := llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
 
-.PHONY: setup test lint format bench demo clean
+.PHONY: setup test lint format bench demo docs clean
 
 setup: $(STAMP) $(CONVERTER_STAMP)
 
@@ -57,8 +57,15 @@ format: setup
 bench: setup
 	$(BIN)/python bench/run_all.py
 
-demo: setup
+# The whole pipeline on a tiny model on a CPU, ending in the chat server on http://127.0.0.1:7860 (demo.py says
+# more): DEMO_FAST=1 make demo shrinks every stage to a few minutes, DEMO_SERVE=0 stops before the server.
+# Only the environment is needed, not llama.cpp's converter.
+demo: $(STAMP)
 	$(BIN)/python demo.py
+
+# The configuration references in docs/*.md, regenerated from the config classes' field docstrings.
+docs: $(STAMP)
+	$(BIN)/python -m common.config_reference
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

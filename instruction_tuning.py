@@ -17,29 +17,24 @@ import dataclasses
 import logging
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 
 from common.config import ConfigError, parse_config
 from data.shard_io import ShardError
 from dataset.chat_data import ChatDataConfig, PreparedData, format_report, prepare_chat_data
 from dataset.chat_dataset import ChatLoader, build_chat_loaders, find_tokenizer
-from dataset.chat_template import prompt_ids, stop_token_ids
-from dataset.tokenizer import Tokenizer
-from models.hf import export_hf
-from models.llama import Llama, ModelConfig
+from dataset.tokenizer import Tokenizer, token_byte_lengths
+from models.llama import ModelConfig
 from training.checkpoint import CheckpointError
 from training.config import LoggingConfig, OptimConfig, TrainConfig
 from training.distributed import build_accelerator
-from training.evaluation import Sampler
+from training.finetune import chat_sampler, exporter, starting_model
 from training.loop import NonFiniteLossError, finish_run, seed_everything, train
-from training.lora import LoraConfig, add_lora, checkpoint_trainable_only, peft_model_from_state, save_adapter
+from training.lora import LoraConfig, add_lora, checkpoint_trainable_only
 from training.neftune import add_neftune
 from training.objectives import CausalLMObjective
-from training.pretrained import load_initial_model
 
 PROG = "instruction_tuning.py"
 NO_MODEL = "no model: pass --init DIR (a model folder, a checkpoint or a run folder), or give a model section"
@@ -62,41 +57,6 @@ class SFTConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(output_dir="runs/sft"))
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
-
-
-def starting_model(config: SFTConfig, tokenizer: Tokenizer) -> Llama:
-    """The model of --init (the model section, if given, must describe it), or a new one from the model
-    section; checked against the tokenizer and the data's sequence length."""
-    options = config.train.run_options()
-    if config.init:
-        model = load_initial_model(config.init, options=options)
-        if config.model is not None and config.model != model.config:
-            differ = [
-                f"{f.name} {getattr(config.model, f.name)!r} vs {getattr(model.config, f.name)!r}"
-                for f in dataclasses.fields(ModelConfig)
-                if getattr(config.model, f.name) != getattr(model.config, f.name)
-            ]
-            raise ConfigError(
-                f"the model section does not describe --init {config.init}: {', '.join(differ)}"
-            )
-    elif config.model is not None:
-        shape = config.model
-        if shape.vocab_size == 0:
-            shape = dataclasses.replace(shape, vocab_size=tokenizer.vocab_size)
-        seed_everything(config.train.seed)  # the same initial weights on every rank
-        model = Llama(shape, options)
-    else:
-        raise ConfigError(NO_MODEL)
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
-            f"({tokenizer.vocab_size} at {config.data.tokenizer}): they do not belong together"
-        )
-    if config.data.seq_len > model.config.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len {config.data.seq_len} is longer than the model's {model.config.max_seq_len}"
-        )
-    return model
 
 
 def steps_per_pass(prepared: PreparedData, config: SFTConfig, world_size: int) -> int:
@@ -130,39 +90,6 @@ def prepare_data(
         eval_batches=config.train.eval_batches,
     )
     return prepared, train_data, val_data
-
-
-def exporter(config: SFTConfig, tokenizer: Tokenizer) -> Callable[[dict[str, torch.Tensor], Path], None]:
-    """The final export: LoRA adapters merged (and saved alone beside), the chat stop token listed."""
-    out_dir = Path(config.train.output_dir)
-
-    def export(state_dict: dict[str, torch.Tensor], hf_dir: Path) -> None:
-        assert config.model is not None
-        if config.lora.enabled:
-            peft_model = peft_model_from_state(config.model, state_dict, config.lora)
-            save_adapter(peft_model, out_dir / "adapter", base_model=config.init)
-            print(f"saved the LoRA adapter alone to {out_dir / 'adapter'}", flush=True)
-            merged = peft_model.merge_and_unload()
-        else:
-            merged = Llama.from_state_dict(config.model, state_dict)
-        export_hf(
-            merged, hf_dir, tokenizer_dir=config.data.tokenizer, stop_token_ids=stop_token_ids(tokenizer)
-        )
-        print(f"exported the final model in Hugging Face format to {hf_dir}", flush=True)
-
-    return export
-
-
-def chat_sampler(config: SFTConfig, tokenizer: Tokenizer) -> Sampler:
-    """Answers to logging.sample_prompts, each sent as a user turn through the chat template."""
-    return Sampler(
-        config.logging.sample_prompts,
-        encode=lambda prompt: prompt_ids(tokenizer, [{"role": "user", "content": prompt}]),
-        decode=tokenizer.decode,
-        stop_token_ids=stop_token_ids(tokenizer),
-        every=config.logging.sample_every,
-        max_new_tokens=config.logging.sample_max_new_tokens,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             model,
             train_data,
-            CausalLMObjective(token_accuracy=True),
+            CausalLMObjective(token_accuracy=True, token_bytes=token_byte_lengths(tokenizer)),
             config=config,
             accelerator=accelerator,
             val_data=val_data,
-            sampler=chat_sampler(config, tokenizer),
+            sampler=chat_sampler(config.logging, tokenizer),
             export=exporter(config, tokenizer),
         )
     except (NonFiniteLossError, CheckpointError) as exc:

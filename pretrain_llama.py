@@ -24,7 +24,7 @@ from dataset.pretrain_dataset import (
     build_pretrain_dataloader,
     build_validation_dataloader,
 )
-from dataset.tokenizer import Tokenizer
+from dataset.tokenizer import Tokenizer, token_byte_lengths
 from models.hf import export_hf
 from models.llama import Llama, ModelConfig
 from training.checkpoint import CheckpointError
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             model,
             train_data,
-            CausalLMObjective(),
+            CausalLMObjective(token_bytes=token_byte_lengths(tokenizer)),  # bits per byte beside the loss
             config=config,
             accelerator=accelerator,
             val_data=val_data,

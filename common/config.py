@@ -21,7 +21,8 @@ module adds what a run config needs on top of it:
   line (jsonargparse would print its usage and exit).
 
 The resolved config is written beside every checkpoint (`save_config`) and read back with `load_config`,
-so later stages rebuild exactly the same model.
+so later stages rebuild exactly the same model. `config_reference_markdown` renders what `--help` says as
+Markdown tables: the configuration reference at the end of each guide in docs/ (`make docs`).
 """
 
 from __future__ import annotations
@@ -387,3 +388,108 @@ def _leaf_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
         is_section = isinstance(value, dict) and value
         keys.extend(_leaf_keys(value, f"{prefix}{key}.") if is_section else [f"{prefix}{key}"])
     return keys
+
+
+# ---------------------------------------------------------------------------------------------------
+# The configuration reference in the docs (common/config_reference.py writes it into docs/*.md)
+
+
+def config_reference_markdown(cls: type, sections: list[str] | None = None) -> str:
+    """Markdown tables of every key of the run config `cls`: `section.key`, type, default, documentation.
+
+    The same parser as `--help` supplies the text and the defaults (a section's default factory included,
+    e.g. SFTConfig's `train.output_dir`), so the docs say what the command line says. Top-level keys come
+    first, then one table per section (an optional one marked as such); `sections` limits the output to
+    those top-level names (the top-level keys are named by themselves).
+    """
+    import docstring_parser
+
+    fields = _fields(cls)
+    unknown = sorted(set(sections or ()) - set(fields))
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no {', '.join(unknown)}; its keys: {', '.join(fields)}")
+    chosen = [name for name in fields if sections is None or name in sections]
+    field_docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(cls).params}
+    parser = _parser(cls)
+    defaults = parser.get_defaults()
+    parts = []
+    plain = [name for name in chosen if _section_class(fields[name]) is None]
+    if plain:
+        rows = [_reference_row(name, fields[name], defaults.get(name), _help(parser, name)) for name in plain]
+        parts.append(f"**top-level keys**\n\n{_reference_table(rows)}")
+    for name in chosen:
+        section = _section_class(fields[name])
+        if section is None:
+            continue
+        optional = section is not fields[name]
+        if optional:  # parsed on its own (see _resolve_optional_sections): its own parser and defaults
+            wrapper = dataclasses.make_dataclass(cls.__name__, [(name, section)])
+            section_parser, section_defaults = _parser(wrapper), _parser(wrapper).get_defaults()
+        else:
+            section_parser, section_defaults = parser, defaults
+        about = field_docs.get(name) or _class_doc(section)
+        heading = f"**`{name}`** (`{section.__module__}.{section.__qualname__}`"
+        heading += ", optional: none unless one of its keys is given)" if optional else ")"
+        rows = []
+        if hasattr(section, "preset_fields"):
+            key = f"{name}.preset"
+            rows.append(_reference_row(key, str | None, None, _help(section_parser, key)))
+        for key, tp in _leaf_fields(section, f"{name}."):
+            rows.append(_reference_row(key, tp, section_defaults.get(key), _help(section_parser, key)))
+        parts.append(f"{heading}: {_one_line(about)}\n\n{_reference_table(rows)}")
+    return "\n\n".join(parts) + "\n"
+
+
+def _leaf_fields(cls: type, prefix: str) -> list[tuple[str, Any]]:
+    """(dotted key, type) of every value of a section, nested sections flattened."""
+    leaves = []
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            leaves.extend(_leaf_fields(tp, f"{prefix}{name}."))
+        else:
+            leaves.append((f"{prefix}{name}", tp))
+    return leaves
+
+
+def _help(parser: ArgumentParser, key: str) -> str:
+    action = parser._option_string_actions.get(f"--{key}")
+    text = action.help if action is not None and action.help != argparse.SUPPRESS else ""
+    return _one_line(text or "")
+
+
+def _class_doc(cls: type) -> str:
+    doc = inspect.getdoc(cls) or ""
+    return "" if doc.startswith(f"{cls.__name__}(") else doc  # dataclass's stand-in for a missing docstring
+
+
+def _one_line(text: str) -> str:
+    """Whitespace collapsed, and `<`, `>` outside code spans escaped (Markdown would take `<s>` for HTML)."""
+    pieces = re.split(r"(`+[^`]*`+)", " ".join(text.split()))
+    return "".join(
+        piece if piece.startswith("`") else piece.replace("<", "&lt;").replace(">", "&gt;")
+        for piece in pieces
+    )
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return re.sub(r"\b(?:typing|[\w.]+)\.(\w+)", r"\1", str(tp))  # `list[str]`, `Literal['a', 'b']`
+
+
+def _default_text(value: Any) -> str:
+    """The default as it would be written in YAML or on the command line (JSON: `null`, `true`, `"..."`)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except TypeError:
+        return str(value)
+
+
+def _reference_row(key: str, tp: Any, default: Any, help_text: str) -> list[str]:
+    return [f"`{key}`", f"`{_type_name(tp)}`", f"`{_default_text(default)}`", help_text]
+
+
+def _reference_table(rows: list[list[str]]) -> str:
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,7 @@ def trained_spans(trained: Sequence[bool]) -> list[list[int]]:
 # Writing shards
 
 
-class _ShardWriter:
+class ShardWriter:
     """Lines into `part-<source>-<k>.jsonl.zst` files of SHARD_RECORDS lines each."""
 
     def __init__(self, folder: Path, source: str):
@@ -201,7 +201,7 @@ class _ShardWriter:
             self.index, self.lines = self.index + 1, []
 
 
-class _Shuffler:
+class Shuffler:
     """A seeded uniform shuffle of lines in bounded memory: each line goes to a random bucket file, then
     every bucket is read back and permuted (the classic two-pass external shuffle)."""
 
@@ -292,15 +292,8 @@ def prepare_chat_data(
         raise ValueError("no instruction data: set data.files")
     validation = parse_sources(config.validation_files) if config.validation_files else []
     fingerprint = _fingerprint(config, sources, validation, Path(tokenizer_dir), max_records)
-    existing = _read_report(cache_dir)
-    if existing is not None and existing.get("fingerprint") == fingerprint:
-        log(f"prepared instruction data is up to date: {cache_dir}")
-        return PreparedData(cache_dir, existing)
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in cache_dir.parent.glob(f".{cache_dir.name}.tmp-*"):  # from a preparation killed midway
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
-    try:
+
+    def build(tmp: Path) -> dict[str, Any]:
         fraction = 0.0 if validation else config.validation_fraction
         report: dict[str, Any] = {
             "version": PREPARED_VERSION,
@@ -322,6 +315,27 @@ def prepare_chat_data(
             }
         if not any(s["kept"] for s in report["sources"].values()):
             raise ValueError(f"no usable conversation in {config.files}:\n{format_report(report)}")
+        return report
+
+    return prepare_folder(cache_dir, fingerprint, build, what="instruction data", log=log)
+
+
+def prepare_folder(
+    cache_dir: Path, fingerprint: str, build: Callable[[Path], dict[str, Any]], *, what: str, log: Any
+) -> PreparedData:
+    """The prepared folder at `cache_dir` when its report has `fingerprint`; otherwise `build(tmp)` writes
+    the shards into a temporary folder beside it and returns the report (with the fingerprint), which is
+    saved there before the folder atomically replaces `cache_dir`."""
+    existing = read_report(cache_dir)
+    if existing is not None and existing.get("fingerprint") == fingerprint:
+        log(f"prepared {what} is up to date: {cache_dir}")
+        return PreparedData(cache_dir, existing)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in cache_dir.parent.glob(f".{cache_dir.name}.tmp-*"):  # from a preparation killed midway
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    try:
+        report = build(tmp)
         write_atomic(tmp / REPORT_FILE, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         replace_dir(tmp, cache_dir)
     except BaseException:
@@ -344,8 +358,8 @@ def _prepare_source(
     report = SourceReport(source.spec)
     is_validation = held_out_fraction is None
     seed = mix_seed(config.seed, name_seed(source.name))
-    shuffler = None if is_validation else _Shuffler(tmp / f".shuffle-{source.name}", seed)
-    held_out = _ShardWriter(tmp / "validation", source.name)
+    shuffler = None if is_validation else Shuffler(tmp / f".shuffle-{source.name}", seed)
+    held_out = ShardWriter(tmp / "validation", source.name)
     threads = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
     chunk: list[ChatRecord] = []
 
@@ -391,7 +405,7 @@ def _prepare_source(
         flush_chunk()
     held_out.flush()
     if shuffler is not None:
-        writer = _ShardWriter(tmp / "train", source.name)
+        writer = ShardWriter(tmp / "train", source.name)
         for line in shuffler.drain():
             writer.add(line)
         writer.flush()
@@ -428,7 +442,7 @@ def _fingerprint(
     return hashlib.sha256(orjson.dumps(inputs, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
-def _read_report(cache_dir: Path) -> dict[str, Any] | None:
+def read_report(cache_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((cache_dir / REPORT_FILE).read_text())
     except (OSError, ValueError):

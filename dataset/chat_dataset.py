@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,10 @@ class ChatStream:
     """One rank's rows of whole conversations (dataset.loader.RowStream); see the module docstring.
 
     `rows_per_step` (batch_size x accumulation x world_size) is the length of a "pad" group, so an
-    optimizer step's rows have similar lengths whatever the split.
+    optimizer step's rows have similar lengths whatever the split. Preference tuning streams its pairs
+    through this too: `load_unit` reads its own prepared records, `item` names them in the counters.
+    `config` is a ChatDataConfig or any settings with its seq_len, batch_size, packing, pack_block, seed
+    and num_workers.
     """
 
     def __init__(
@@ -110,8 +114,11 @@ class ChatStream:
         world_size: int,
         rows_per_step: int,
         validation: bool,
+        load_unit: Callable[[ChatUnitRequest, Any], Unit] = load_chat_unit,
+        item: str = "conversations",
     ):
-        self.pool = WorkerPool(load_chat_unit, None, config.num_workers)
+        self.item = item
+        self.pool = WorkerPool(load_unit, None, config.num_workers)
         settings = OrderSettings(
             seed=config.seed,
             shuffle=not validation,  # the held-out stream is read in file order
@@ -144,7 +151,7 @@ class ChatStream:
         self.rows = 0  # rows handed out since the start (to every rank)
         self.counts: dict[str, dict[str, int]] = {
             name: dict.fromkeys(self.sources, 0)
-            for name in ("tokens_per_source", "trained_tokens_per_source", "conversations_per_source")
+            for name in ("tokens_per_source", "trained_tokens_per_source", f"{self.item}_per_source")
         }
 
     def _mine(self, row_index: int) -> bool:
@@ -175,7 +182,7 @@ class ChatStream:
             trained = int((row.labels[seg.start : seg.start + seg.length] != IGNORE_INDEX).sum())
             self.counts["tokens_per_source"][seg.source] += seg.length
             self.counts["trained_tokens_per_source"][seg.source] += trained
-            self.counts["conversations_per_source"][seg.source] += 1
+            self.counts[f"{self.item}_per_source"][seg.source] += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {

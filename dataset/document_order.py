@@ -75,13 +75,17 @@ class Unit:
     tokens: np.ndarray  # int32, all documents concatenated
     offsets: np.ndarray  # int64, len = number of records + 1
     labels: np.ndarray | None = None  # per-token labels (e.g. a loss mask), None: the tokens themselves
+    meta: list[Any] | None = None  # per record: what a stage's batches need beside the tokens, None: nothing
 
     @classmethod
     def build(
-        cls, documents: Sequence[Sequence[int] | None], labels: Sequence[Sequence[int]] | None = None
+        cls,
+        documents: Sequence[Sequence[int] | None],
+        labels: Sequence[Sequence[int]] | None = None,
+        meta: Sequence[Any] | None = None,
     ) -> Unit:
         """A unit from one token list per record (None: skipped) and, optionally, one label list per kept
-        record, as long as its tokens."""
+        record, as long as its tokens, and one `meta` value per record (kept or not)."""
         lengths = np.array([len(d) if d is not None else 0 for d in documents], dtype=np.int64)
         offsets = np.zeros(len(documents) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -91,7 +95,7 @@ class Unit:
         flat_labels = None
         if labels is not None:
             flat_labels = np.fromiter((t for ls in labels for t in ls), dtype=np.int32, count=count)
-        return cls(tokens, offsets, flat_labels)
+        return cls(tokens, offsets, flat_labels, None if meta is None else list(meta))
 
     @property
     def num_records(self) -> int:
@@ -102,6 +106,9 @@ class Unit:
 
     def labels_of(self, i: int) -> np.ndarray | None:
         return None if self.labels is None else self.labels[self.offsets[i] : self.offsets[i + 1]]
+
+    def meta_of(self, i: int) -> Any:
+        return None if self.meta is None else self.meta[i]
 
 
 Ref = tuple[int, int, int]  # (epoch, part index, record position in the part)
@@ -115,6 +122,8 @@ class Document:
     labels: np.ndarray | None
     source: str
     ref: Ref
+    meta: Any = None
+    """The unit's per-record value (e.g. a preference pair's id), carried into the packed row's segment."""
 
 
 class GroupStream:
@@ -196,7 +205,7 @@ class GroupStream:
 
     def _document(self, unit: Unit, ref: Ref, i: int) -> Document:
         source = self.group.parts[ref[1]].source
-        return Document(unit.tokens_of(i), unit.labels_of(i), source, ref)
+        return Document(unit.tokens_of(i), unit.labels_of(i), source, ref, unit.meta_of(i))
 
     def document_at(self, ref: Ref) -> Document:
         """The document at `ref` (used to restore the document cut by a checkpoint)."""

@@ -35,7 +35,7 @@ from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -56,6 +56,7 @@ class Segment:
     length: int
     document_start: bool  # False: continues a document cut at the end of the previous row
     document_end: bool  # False: the document goes on in the next row
+    meta: Any = None  # the document's meta (dataset.document_order.Document)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def whole_documents_row(documents: Sequence[Document], seq_len: int, pad_id: int
         tokens[filled : filled + n] = doc.tokens
         labels[filled : filled + n] = doc.tokens if doc.labels is None else doc.labels
         positions[filled : filled + n] = np.arange(n)
-        segments.append(Segment(doc.source, filled, n, True, True))
+        segments.append(Segment(doc.source, filled, n, True, True, doc.meta))
         filled += n
     positions[filled:] = np.arange(seq_len - filled)
     return PackedRow(tokens, positions, labels, segments)

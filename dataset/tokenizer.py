@@ -122,6 +122,25 @@ class Tokenizer:
         return self.sp.id_to_piece(token_id)
 
 
+def token_byte_lengths(tokenizer: Tokenizer) -> list[int]:
+    """The UTF-8 length of each token id's text, one entry per id (`vocab_size` of them): how much of the
+    corpus a token stands for, for bits per byte (`training.objectives.CausalLMObjective(token_bytes=...)`).
+
+    A normal piece counts its text with U+2581 as the one-byte space it decodes to; a byte-fallback piece
+    `<0xNN>` is one byte; control tokens (<s>, </s>, <pad>, role tokens) stand for no text and count 0, as
+    does <unk>, which `encode` never produces (byte fallback spells every character)."""
+    sp = tokenizer.sp
+    lengths: list[int] = []
+    for token_id in range(tokenizer.vocab_size):
+        if sp.is_control(token_id) or sp.is_unknown(token_id):
+            lengths.append(0)
+        elif sp.is_byte(token_id):
+            lengths.append(1)
+        else:
+            lengths.append(len(sp.id_to_piece(token_id).replace(WS_MARKER, " ").encode()))
+    return lengths
+
+
 # --- Hugging Face export -------------------------------------------------------------------------------
 
 

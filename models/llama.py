@@ -536,10 +536,14 @@ class LMHead(nn.Linear):
         *,
         chunked: bool = False,
         with_accuracy: bool = False,
+        per_token: bool = False,
     ) -> Any:
-        """Logits; or with (shifted) targets (loss, logits or None[, token accuracy])."""
+        """Logits; or with (shifted) targets (loss, logits or None[, token accuracy]); or with `per_token`
+        each target's log-probability (0 where ignored), float32, the same shape as `targets`."""
         if targets is None:
             return F.linear(x, self.weight)
+        if per_token:
+            return target_logprobs(x, self.weight, targets)
         kernel = chunked_linear_cross_entropy if chunked else self.linear_cross_entropy
         if with_accuracy:
             return kernel(x, self.weight, targets, with_accuracy=True)
@@ -554,6 +558,9 @@ class CausalLMOutput:
     logits: torch.Tensor | None = None
     token_accuracy: torch.Tensor | None = None
     """With labels and `return_token_accuracy`: the fraction of target tokens that are the argmax."""
+    token_logprobs: torch.Tensor | None = None
+    """With labels and `return_token_logprobs`: (B, T) float32, at position t the log-probability of the
+    target labels[t + 1] (0 where it is ignored)."""
 
 
 def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
@@ -652,6 +659,7 @@ class Llama(nn.Module):
         kv_cache: KVCache | None = None,
         logits_to_keep: int = 0,
         return_token_accuracy: bool = False,
+        return_token_logprobs: bool = False,
     ) -> CausalLMOutput:
         """Logits for every position (or the last `logits_to_keep`), and the loss when `labels` are given.
 
@@ -664,6 +672,8 @@ class Llama(nn.Module):
             positions), and every row is advanced by T.
         return_token_accuracy: with labels, also the fraction of targets that are the argmax (a metric: every
             loss kernel counts it from the chunk logits it already has, so no full logits are needed).
+        return_token_logprobs: with labels, each target's log-probability instead of the mean loss (what
+            preference tuning sums per answer); no logits are returned.
         """
         b, t = input_ids.shape
         if kv_cache is not None:
@@ -693,6 +703,8 @@ class Llama(nn.Module):
         if labels is not None:
             chunked = self.options.fused_cross_entropy == "auto" and self.training
             targets = shift_labels(labels)
+            if return_token_logprobs:
+                return CausalLMOutput(token_logprobs=self.lm_head(x, targets, per_token=True))
             if return_token_accuracy:
                 loss, logits, accuracy = self.lm_head(x, targets, chunked=chunked, with_accuracy=True)
                 return CausalLMOutput(loss=loss, logits=logits, token_accuracy=accuracy)
@@ -751,6 +763,16 @@ def linear_cross_entropy(
     valid = targets != IGNORE_INDEX
     hits = (logits.detach().argmax(dim=-1) == targets) & valid
     return loss, logits, hits.sum() / valid.sum()
+
+
+def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at every position of `hidden @ weight.T` (..., V), in float32; 0 where the target is
+    IGNORE_INDEX. The logits are built in full (a preference batch is a few rows)."""
+    logits = F.linear(hidden, weight).float()
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return -nll.reshape(targets.shape)
 
 
 # The PyTorch implementations the model starts from; models/kernels.py swaps in fused ones by config.

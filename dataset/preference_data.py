@@ -40,7 +40,6 @@ Preview what will be trained:  python dataset/preference_data.py --config config
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -58,11 +57,18 @@ import torch
 from common import IGNORE_INDEX
 from common.randomness import mix_seed, name_seed
 from data.shard_io import ShardError
-from dataset.chat_data import MAX_EXAMPLES, PreparedData, ShardWriter, Shuffler, prepare_folder, trained_spans
-from dataset.chat_dataset import ChatLoader, ChatStream, ChatUnitRequest, find_tokenizer
+from dataset.chat_data import (
+    MAX_EXAMPLES,
+    PreparedData,
+    ShardWriter,
+    Shuffler,
+    prepare_folder,
+    prepared_fingerprint,
+    trained_spans,
+)
+from dataset.chat_dataset import ChatLoader, ChatStream, ChatUnitRequest, build_chat_loaders, find_tokenizer
 from dataset.chat_sources import ChatSource, Messages, iter_raw_records, parse_sources
 from dataset.chat_template import (
-    CHAT_TEMPLATE,
     ChatTokenizer,
     RenderedChat,
     check_messages,
@@ -71,7 +77,6 @@ from dataset.chat_template import (
 )
 from dataset.document_order import Unit
 from dataset.mixing import check_weights
-from dataset.shards import plan_groups
 from dataset.text_units import is_held_out
 
 PREPARED_VERSION = 1
@@ -463,19 +468,16 @@ def _fingerprint(
     tokenizer_dir: Path,
     max_records: int,
 ) -> str:
-    model_file = tokenizer_dir / "tokenizer.model"
-    inputs = {
-        "version": PREPARED_VERSION,
-        "sources": {s.name: s.identity() for s in sources},
-        "validation": {s.name: s.identity() for s in validation},
-        "seq_len": config.seq_len,
-        "validation_fraction": config.validation_fraction,
-        "seed": config.seed,
-        "max_records": max_records,
-        "tokenizer": hashlib.sha256(model_file.read_bytes()).hexdigest() if model_file.is_file() else "",
-        "template": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest(),
-    }
-    return hashlib.sha256(orjson.dumps(inputs, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return prepared_fingerprint(
+        sources,
+        validation,
+        tokenizer_dir,
+        version=PREPARED_VERSION,
+        seq_len=config.seq_len,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+        max_records=max_records,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -593,55 +595,24 @@ def build_preference_loaders(
     eval_batches: int | None = None,
     every_pair: bool = False,
 ) -> tuple[PreferenceLoader, PreferenceLoader | None]:
-    """This rank's endless training loader and its held-out loader (None when nothing is held out).
+    """This rank's endless training loader and its held-out loader (None when nothing is held out):
+    instruction tuning's, reading pairs.
 
     `every_pair`: the training loader goes once over the training pairs in file order instead (the pass
     that caches the reference's log-probabilities)."""
-    rows_per_step = rows_per_step or config.batch_size * world_size
-    fingerprint = {
-        "data": prepared.fingerprint,
-        "rank": rank,
-        "world_size": world_size,
-        "batch_size": config.batch_size,
-        "rows_per_step": rows_per_step,
-        "seq_len": config.seq_len,
-        "packing": config.packing,
-        "pack_block": config.pack_block,
-        "seed": config.seed,
-        "mixture": dict(sorted(config.mixture.items())),
-    }
-    loaders: list[PreferenceLoader | None] = []
-    for validation in (False, True):
-        if validation and not prepared.has_validation:
-            loaders.append(None)
-            continue
-        finite = validation or every_pair
-        shards = prepared.validation_shards if validation else prepared.train_shards
-        groups = plan_groups(shards, [], config.mixture if not finite else {}, 0, 1, validation=finite)
-        stream = ChatStream(
-            config,  # type: ignore[arg-type]
-            groups,
-            pad_id,
-            rank=rank,
-            world_size=world_size,
-            rows_per_step=rows_per_step,
-            validation=finite,
-            load_unit=load_pair_unit,
-            item="pairs",
-        )
-        loaders.append(
-            PreferenceLoader(
-                stream,
-                packing=config.packing,
-                batch_size=config.batch_size,
-                fingerprint=fingerprint,
-                pin_memory=config.pin_memory,
-                validation=finite,
-                max_batches=eval_batches if validation else None,
-                rank=rank,
-            )
-        )
-    return loaders[0], loaders[1]  # type: ignore[return-value]
+    return build_chat_loaders(  # type: ignore[return-value]
+        config,  # type: ignore[arg-type]
+        prepared,
+        pad_id,
+        rank=rank,
+        world_size=world_size,
+        rows_per_step=rows_per_step,
+        eval_batches=eval_batches,
+        once=every_pair,
+        load_unit=load_pair_unit,
+        item="pairs",
+        loader_class=PreferenceLoader,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

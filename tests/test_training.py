@@ -161,6 +161,23 @@ def test_setup_mistakes_are_one_line_errors(real_data, tmp_path, args, expected)
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")],
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_instructions(
+    monkeypatch, amx, avx512_bf16, expected
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert TrainConfig(precision="auto").precision == expected
+    assert TrainConfig(precision="fp32").precision == "fp32"  # an explicit choice is kept
+    from pretrain_llama import PretrainConfig
+
+    assert load_config(PretrainConfig, {"train": {"precision": "auto"}}).train.precision == expected
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_corrupt_shard_mid_run_stops_with_its_file_and_line(real_data, tmp_path, workers):
     shards = tmp_path / "shards"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from models.llama import RunOptions
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,7 +53,9 @@ class TrainConfig(RunOptions):
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; global batch = micro batch x grad_accum_steps x processes."""
     precision: str = "bf16"
-    """fp32, bf16 or fp16 (autocast; master weights stay fp32). Overrides accelerate's mixed_precision."""
+    """fp32, bf16 or fp16 (autocast; master weights stay fp32), or auto: bf16 where the hardware computes it
+    natively (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16), else fp32. Overrides accelerate's
+    mixed_precision."""
     seed: int = 0
     """Seed for model initialisation and every random number generator (per rank: seed + rank)."""
     compile: bool = False
@@ -74,9 +78,23 @@ class TrainConfig(RunOptions):
     export_hf: bool = True
     """Export the final model (and tokenizer) in Hugging Face format to output_dir/hf."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.precision == "auto":  # resolved here, so the saved config says what the run used
+            self.precision = "bf16" if native_bf16() else "fp32"
+
     def run_options(self) -> RunOptions:
         """How the model runs in this run (the RunOptions part of this section)."""
         return RunOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunOptions)})
+
+
+def native_bf16() -> bool:
+    """Whether this machine multiplies bf16 matrices in hardware. On CPUs without AMX or AVX512-BF16,
+    oneDNN emulates bf16 and autocast makes training slower than fp32, not faster."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private: absent in some builds
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 @dataclasses.dataclass

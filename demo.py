@@ -302,7 +302,7 @@ def train_stage(
 
 
 def step_pretrain(steps: list[Step], shards: Path, tokenizer: Path) -> Path:
-    banner(4, "pretraining: the tiny preset on CPU, then the Hugging Face export")
+    banner(4, "pretraining: configs/pretrain/demo.yaml on CPU, then the Hugging Face export")
     overrides = [
         "--data.shards", json.dumps([str(shards / "*.jsonl.zst")]),
         "--data.tokenizer", str(tokenizer),

@@ -72,6 +72,7 @@ CANDIDATES: dict[str, tuple[int, list[str]]] = {
     "d192-l6-bf16": (8000, [*D192_BF16, *_shape(192, layers=6)]),
     "d128-l6-bf16": (8000, [*D192_BF16, *_shape(128, layers=6)]),
     "v12000-bf16": (12000, TINY_BF16),
+    "v12000-d192-bf16": (12000, D192_BF16),
 }
 
 

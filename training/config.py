@@ -13,6 +13,9 @@ import torch
 
 from models.llama import RunOptions
 
+# train.precision -> accelerate's mixed_precision
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
 # ---------------------------------------------------------------------------------------------------
 # The shared loop's own sections (the model and data sections belong to models/ and dataset/)
 
@@ -80,6 +83,10 @@ class TrainConfig(RunOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise ValueError(
+                f"train.precision must be one of {[*PRECISIONS, 'auto']}, got {self.precision!r}"
+            )
         if self.precision == "auto":  # resolved here, so the saved config says what the run used
             self.precision = "bf16" if native_bf16() else "fp32"
 

@@ -16,17 +16,13 @@ import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs
 
-from training.config import OptimConfig, TrainConfig
+from training.config import PRECISIONS, OptimConfig, TrainConfig
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def build_accelerator(train: TrainConfig) -> Accelerator:
     """An Accelerator for the launcher's backend with the run's precision and accumulation."""
-    if train.precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {sorted(PRECISIONS)}, got {train.precision!r}")
     handlers = []
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -452,7 +452,7 @@ def serve(model: Path) -> int:
     """The chat server in the foreground until Ctrl-C (or until it stops by itself)."""
     banner(9, "chat: the final model in the chat server (a chat page and an OpenAI-compatible API)")
     command = [sys.executable, str(REPO / "chat_server.py"), "--model", str(model), "--port", str(PORT)]
-    command += ["--model-name", "open-llama-demo"]  # rather than the folder's name, "hf"
+    command += ["--model_name", "open-llama-demo"]  # rather than the folder's name, "hf"
     server = subprocess.Popen(command, cwd=REPO, preexec_fn=kill_with_parent())
     url = f"http://127.0.0.1:{PORT}"
     try:

@@ -40,9 +40,9 @@ import orjson
 import torch
 import zstandard
 
-from dataset.chat_data import ChatDataConfig, prepare_chat_data
-from dataset.chat_dataset import ChatLoader
+from dataset.chat_prepare import ChatDataConfig, prepare_chat_data
 from dataset.chat_sources import iter_source, parse_sources
+from dataset.chat_stream import ChatLoader
 from dataset.chat_template import render_chats
 from dataset.document_order import Document
 from dataset.packing import BlockPacker

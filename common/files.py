@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -33,6 +36,22 @@ def replace_dir(new: str | Path, target: str | Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old)
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `target` to write into; when the block ends, it replaces `target`
+    (replace_dir) with the permissions a plain mkdir would give, or is removed if the block raised."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        apply_umask(tmp)
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def apply_umask(folder: str | Path) -> None:

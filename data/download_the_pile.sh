@@ -16,6 +16,6 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 WORKERS="${SHARD_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
 
-"$PYTHON" data/download.py pile --output-dir "$OUT_DIR/raw"
+"$PYTHON" data/download.py pile --output_dir "$OUT_DIR/raw"
 "$PYTHON" data/shard.py "$OUT_DIR/raw" --format pile --source pile \
-    --output-dir "$OUT_DIR/shards" --workers "$WORKERS"
+    --output_dir "$OUT_DIR/shards" --workers "$WORKERS"

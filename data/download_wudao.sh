@@ -18,8 +18,8 @@ PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 WORKERS="${SHARD_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
 
 if [ -z "$SOURCE" ]; then
-    "$PYTHON" data/download.py wudao --output-dir "$OUT_DIR"   # prints what to do, exits 2
+    "$PYTHON" data/download.py wudao --output_dir "$OUT_DIR"   # prints what to do, exits 2
 fi
-JSON_DIR="$("$PYTHON" data/download.py wudao "$SOURCE" --output-dir "$OUT_DIR")"
+JSON_DIR="$("$PYTHON" data/download.py wudao "$SOURCE" --output_dir "$OUT_DIR")"
 "$PYTHON" data/shard.py "$JSON_DIR" --format wudao --source wudao \
-    --output-dir "$OUT_DIR/shards" --workers "$WORKERS"
+    --output_dir "$OUT_DIR/shards" --workers "$WORKERS"

@@ -1,8 +1,10 @@
 """The sharder: raw corpora (The Pile, WuDao, any jsonl/json/parquet/text) -> jsonl.zst shards.
 
-    python data/shard.py INPUT... --output-dir DIR [--format auto|pile|wudao|jsonl|json|parquet|text]
-        [--source NAME] [--lines-per-shard 16384] [--workers N] [--strict] [--no-dedup]
-        [--min-chars N] [--max-chars N] [--text-field NAME] [--text-unit line|paragraph|file]
+    python data/shard.py INPUT... --output_dir DIR [--format auto|pile|wudao|jsonl|json|parquet|text]
+        [--source NAME] [--lines_per_shard 16384] [--workers N] [--strict] [--no-dedup]
+        [--min_chars N] [--max_chars N] [--text_field NAME] [--text_unit line|paragraph|file]
+
+(`--help` lists every option; `--output-dir` and the other dash spellings are aliases of the `_` keys.)
 
 Each output line is `{"text": ..., "meta": {"source": ..., ...}}`; shards are
 `part-<source>-<input:05d>-<shard:05d>.jsonl.zst` (at most --lines-per-shard lines, zstd level 3 with
@@ -28,7 +30,6 @@ per 10 million documents, measured); `--no-dedup` makes memory independent of th
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import multiprocessing
 import os
@@ -37,14 +38,13 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python data/shard.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from typing import Literal
 
 import orjson
 
+from common.config import ConfigError, parse_config
 from common.files import write_atomic
 from common.processes import exit_with_parent
 from data.readers import DATA_SUFFIXES, FORMATS, TEXT_UNITS, InputError, logical_suffix
@@ -484,68 +484,71 @@ def shard_inputs(
 # --- command line ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python data/shard.py",
-        description="Normalise raw corpora (The Pile, WuDao, any jsonl/JSON-array/parquet/text file, plain or "
-        "zstd/gzip/bz2/xz) into part-<source>-<input>-<shard>.jsonl.zst shards of "
-        '{"text": ..., "meta": {"source": ...}} lines, with a manifest.json. Interrupted jobs resume '
-        "when rerun with the same arguments; a finished job is not redone.",
-        epilog="Exit status: 0 done; 1 fatal error (one-line message); 3 done, but some input files "
-        "were unreadable, truncated or corrupt (named in the summary and the manifest).",
-    )
-    parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="input files, folders (searched recursively) or globs"
-    )
-    parser.add_argument("--output-dir", required=True, type=Path, help="where shards and manifest.json go")
-    parser.add_argument(
-        "--format",
-        default="auto",
-        choices=FORMATS,
-        help="auto (default): from each file's suffix/content; pile: jsonl with text+meta; wudao: JSON "
-        "arrays of title/content/dataType; jsonl, json (one array), parquet: records with a text field; "
-        "text: plain text (see --text-unit)",
-    )
-    parser.add_argument(
-        "--source",
-        help="meta.source and the name in the shard names (default: 'pile'/'wudao' for those corpora, "
-        "else each input's file name without suffixes)",
-    )
-    parser.add_argument("--lines-per-shard", type=int, default=LINES_PER_SHARD, help="default %(default)s")
-    parser.add_argument(
-        "--workers", type=int, default=1, help="parallel processes, one input file each (default 1)"
-    )
-    parser.add_argument(
-        "--strict", action="store_true", help="stop at the first malformed record or bad file"
-    )
-    parser.add_argument(
-        "--no-dedup",
-        dest="dedup",
-        action="store_false",
-        help="keep exact duplicate documents (deduplication holds ~130 bytes of memory per unique document)",
-    )
-    parser.add_argument(
-        "--min-chars", type=int, default=0, help="drop documents shorter than this (characters)"
-    )
-    parser.add_argument(
-        "--max-chars", type=int, default=None, help="drop documents longer than this (characters)"
-    )
-    parser.add_argument(
-        "--text-field", default="text", help="field holding the text in jsonl/json/parquet records"
-    )
-    parser.add_argument(
-        "--text-unit",
-        default="line",
-        choices=TEXT_UNITS,
-        help="plain text: a document per line (default), per blank-line-separated paragraph, or per file",
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return parser
+@dataclass
+class ShardConfig:
+    """Normalise raw corpora into jsonl.zst shards of {"text": ..., "meta": {"source": ...}} lines.
+
+    Inputs: The Pile, WuDao, any jsonl/JSON-array/parquet/text file, plain or zstd/gzip/bz2/xz. The shards
+    are part-<source>-<input>-<shard>.jsonl.zst, listed in manifest.json. Interrupted jobs resume when rerun
+    with the same arguments; a finished job is not redone. Exit status: 0 done; 1 fatal error (one-line
+    message); 2 bad arguments; 3 done, but some input files were unreadable, truncated or corrupt (named in
+    the summary and the manifest).
+    """
+
+    inputs: list[str] = field(default_factory=list)
+    """Input files, folders (searched recursively) or globs: the arguments without -- (or after --inputs)."""
+    output_dir: str = ""
+    """Where the shards and manifest.json go (required)."""
+    format: Literal[FORMATS] = "auto"
+    """auto: from each file's suffix/content; pile: jsonl with text+meta; wudao: JSON arrays of
+    title/content/dataType; jsonl, json (one array), parquet: records with a text field; text: plain text
+    (see text_unit)."""
+    source: str | None = None
+    """meta.source and the name in the shard names (default: 'pile'/'wudao' for those corpora, else each
+    input's file name without suffixes)."""
+    lines_per_shard: int = LINES_PER_SHARD
+    """Documents per shard at most."""
+    workers: int = 1
+    """Parallel processes, one input file each."""
+    strict: bool = False
+    """Stop at the first malformed record or bad file."""
+    dedup: bool = True
+    """Drop exact duplicate documents (holds ~130 bytes of memory per unique document; --no-dedup: keep them)."""
+    min_chars: int = 0
+    """Drop documents shorter than this (characters)."""
+    max_chars: int | None = None
+    """Drop documents longer than this (characters)."""
+    text_field: str = "text"
+    """Field holding the text in jsonl/json/parquet records."""
+    text_unit: Literal[TEXT_UNITS] = "line"
+    """Plain text: a document per line, per blank-line-separated paragraph, or per file."""
+    progress: bool = True
+    """Show a progress bar (--no-progress: none)."""
+
+    def __post_init__(self) -> None:
+        if not self.inputs or not self.output_dir:
+            raise ValueError("give the inputs and the output folder: INPUT... --output_dir DIR")
+
+
+PROG = "data/shard.py"
+# Dash spellings of the keys, the usual style of command-line tools.
+ALIASES = {
+    "output-dir": "output_dir",
+    "lines-per-shard": "lines_per_shard",
+    "min-chars": "min_chars",
+    "max-chars": "max_chars",
+    "text-field": "text_field",
+    "text-unit": "text_unit",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    options = vars(args)
+    try:
+        config = parse_config(ShardConfig, argv, aliases=ALIASES, prog=PROG, positional="inputs")
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    options = asdict(config)
     options["fmt"] = options.pop("format")
     try:
         summary = shard_inputs(options.pop("inputs"), options.pop("output_dir"), **options)

@@ -1,7 +1,7 @@
 """The order of documents within a group: deterministic, resumable, and computed in the main process.
 
-A rank reads its parts of a group (dataset/shards.py) in an order shuffled per epoch. Each part is read in
-*units* of `unit_docs` consecutive records (unit u = records u*unit_docs ...), whose order is shuffled
+A rank reads its parts of a group (dataset/rank_shards.py) in an order shuffled per epoch. Each part is read
+in *units* of `unit_docs` consecutive records (unit u = records u*unit_docs ...), whose order is shuffled
 inside the unit. `shuffle_window` parts are open at once and each next document is drawn from one of them
 by a seeded hash of (seed, group, epoch, draw number): a shuffle across shards that needs no memory of past
 documents. When a part runs out, the next one in the epoch's order takes its place; when all are read, the
@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from common.randomness import mix_seed, name_seed, seeded_permutation
-from dataset.shards import Group, Part, iter_part_records
+from dataset.rank_shards import Group, Part, iter_part_records
 from dataset.worker_pool import WorkerPool
 
 T = TypeVar("T")

@@ -26,7 +26,7 @@ without its question). It takes documents in blocks of `block_docs` and arranges
   step's worth) have similar lengths, so little of a batch is padding.
 
 Because a block is a pure function of its documents and its number, a resumable stream only has to save
-where its block started and how many of its rows were handed out (see dataset/chat_dataset.py).
+where its block started and how many of its rows were handed out (see dataset/chat_stream.py).
 """
 
 from __future__ import annotations

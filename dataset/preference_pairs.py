@@ -1,6 +1,7 @@
 """Preference pairs made from instruction data, so preference tuning can run on data anyone can fetch.
 
-    python dataset/preference_pairs.py --files chats.jsonl alpaca.json --output pairs.jsonl --seed 0
+    python dataset/preference_pairs.py chats.jsonl alpaca.json --output pairs.jsonl --seed 0
+    python dataset/preference_pairs.py --files chats.jsonl --output pairs.jsonl
 
 Every usable conversation of the sources (any form instruction tuning reads: alpaca, ShareGPT, messages,
 prompt/completion; files or hf:DATASET) gives one pair: the prompt is the conversation up to its last
@@ -23,43 +24,47 @@ from __future__ import annotations
 
 import random
 import sys
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python dataset/preference_pairs.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from typing import Literal
 
 import orjson
 
+from common.config import ConfigError, parse_config
 from common.files import write_atomic
 from common.randomness import mix_seed
 from dataset.chat_sources import Messages, iter_source, parse_sources
 
-RULES = ("echo", "other", "shuffled", "truncated")
+Rule = Literal["echo", "other", "shuffled", "truncated"]
+RULES: tuple[Rule, ...] = typing.get_args(Rule)
 MAX_EXAMPLES = 10
 
 
 @dataclass
 class PairsConfig:
-    """Options of `python dataset/preference_pairs.py`."""
+    """Make preference pairs (prompt, chosen, rejected) from instruction data.
+
+    Per usable conversation, its last answer is chosen and a worse one made from it by a rule (echo, other,
+    shuffled, truncated) is rejected.
+    """
 
     files: list[str] = field(default_factory=list)
-    """Instruction data: files, globs, folders, NAME=PATTERN or hf:DATASET (as instruction tuning's
-    data.files)."""
+    """Instruction data (required): files, globs, folders, NAME=PATTERN or hf:DATASET (as instruction
+    tuning's data.files), after --files or without --."""
     output: str = ""
-    """The pairs file to write (JSON Lines)."""
+    """The pairs file to write (JSON Lines; required)."""
     seed: int = 0
     """Seed of the rule drawn per record and of the 'other' and 'shuffled' rules."""
-    rules: list[str] = field(default_factory=lambda: list(RULES))
+    rules: list[Rule] = field(default_factory=lambda: list(RULES))
     """Rules to draw from: echo, other, shuffled, truncated."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.files, str):
-            self.files = [self.files]
-        unknown = sorted(set(self.rules) - set(RULES))
-        if unknown or not self.rules:
-            raise ValueError(f"rules must be a non-empty list of {', '.join(RULES)}; got {self.rules}")
+        if not self.files or not self.output:
+            raise ValueError("give the instruction data and the file to write: FILE... --output PAIRS.jsonl")
+        if not self.rules:
+            raise ValueError(f"rules must name at least one of {', '.join(RULES)}")
 
 
 def _units(text: str) -> tuple[list[str], str]:
@@ -159,13 +164,18 @@ def build_pairs(config: PairsConfig, log=print) -> dict:
     return {"pairs": len(lines), "rules": made, "skipped": skipped}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from common.config import ConfigError, parse_config
+PROG = "dataset/preference_pairs.py"
 
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        config = parse_config(PairsConfig, argv, prog="dataset/preference_pairs.py")
+        config = parse_config(PairsConfig, argv, prog=PROG, positional="files")
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         build_pairs(config)
-    except (ValueError, OSError, ConfigError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -16,7 +16,7 @@ document cut at the end of the previous row.
 
 How it is built (one concern a module, shared with the other stages' streams)
 -----------------------------------------------------------------------------
-- dataset/shards.py: shards grouped by source, this rank's parts of them (every document read exactly
+- dataset/rank_shards.py: shards grouped by source, this rank's parts of them (every document read exactly
   once per epoch across ranks), reading a part's records;
 - dataset/worker_pool.py: worker processes that read and tokenize units of records
   (dataset/text_units.py), looked up by request;
@@ -46,17 +46,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as `python dataset/pretrain_dataset.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import orjson
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from common.config import ConfigError, parse_config
 from data.shard_io import ShardError
 from dataset.document_order import Document, GroupStream, OrderSettings
+from dataset.held_out import HeldOutFraction
 from dataset.loader import PackedLoader
 from dataset.mixing import Mixer, check_weights
 from dataset.packing import PackedRow, Packer
-from dataset.shards import Group, plan_groups
+from dataset.rank_shards import Group, plan_groups
 from dataset.text_units import TextTokenizer, TextUnitRequest, tokenize_unit
 from dataset.worker_pool import WorkerPool
 
@@ -71,13 +71,13 @@ class PretrainDataConfig:
     """Training shards: glob patterns, files or folders of `part-<source>-<index>.jsonl.zst`."""
     tokenizer: str = ""
     """Tokenizer folder written by dataset/train_tokenizer.py."""
-    seq_len: int = 2048
+    seq_len: PositiveInt = 2048
     """Tokens per row; documents are packed into rows of exactly this length."""
-    batch_size: int = 8
+    batch_size: PositiveInt = 8
     """Rows per batch on each device (the micro-batch)."""
-    num_workers: int = 2
+    num_workers: NonNegativeInt = 2
     """Worker processes that read and tokenize shards (0 = in the main process). Does not change the data."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed of the shard order, the in-unit shuffle and the draws between open shards."""
     mixture: dict[str, float] = field(default_factory=dict)
     """Token share per source, e.g. {pile: 1, wudao: 1}; a source weighted 0 is left out. Empty = every
@@ -89,35 +89,20 @@ class PretrainDataConfig:
     shuffle: bool = True
     """Shuffle shard order per epoch, records inside each unit, and draw between open shards; False reads
     shards and records in file order (one shard at a time)."""
-    shuffle_window: int = 8
+    shuffle_window: PositiveInt = 8
     """Shards (parts) of a source open at once; each document is drawn from one of them at random."""
-    unit_docs: int = 256
+    unit_docs: PositiveInt = 256
     """Records per unit, the piece of a shard one worker tokenizes in one go and the span of the in-unit
     shuffle. Changing it changes the order of the data."""
     validation_shards: list[str] = field(default_factory=list)
     """Held-out shards (globs, files, folders) for the validation stream; they are left out of training."""
-    validation_fraction: float = 0.0
+    validation_fraction: HeldOutFraction = 0.0
     """Hold out this fraction of the training documents (chosen by a hash of their text) for validation
     instead; used when validation_shards is empty."""
     pin_memory: bool = False
     """Return batches in pinned memory (faster copies to a GPU)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.shards, str):
-            self.shards = [self.shards]
-        if isinstance(self.validation_shards, str):
-            self.validation_shards = [self.validation_shards]
-        checks = [
-            (self.seq_len >= 1, "seq_len must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
-            (self.shuffle_window >= 1, "shuffle_window must be >= 1"),
-            (self.unit_docs >= 1, "unit_docs must be >= 1"),
-            (0.0 <= self.validation_fraction < 1.0, "validation_fraction must be in [0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
         self.mixture = check_weights(self.mixture)
 
     @property
@@ -328,16 +313,20 @@ def build_validation_dataloader(
 class ShowConfig:
     """What to print (the `show:` options of `python dataset/pretrain_dataset.py`)."""
 
-    batches: int = 1
+    batches: NonNegativeInt = 1
     """Batches to print."""
     validation: bool = False
     """Show the held-out stream instead of the training stream."""
-    rank: int = 0
+    rank: NonNegativeInt = 0
     """Show this rank's share ..."""
-    world_size: int = 1
+    world_size: PositiveInt = 1
     """... of a run with this many processes."""
-    max_chars: int = 160
+    max_chars: NonNegativeInt = 160
     """Characters shown per document segment (0: all)."""
+
+    def __post_init__(self) -> None:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} must be less than world_size {self.world_size}")
 
 
 @dataclass
@@ -410,15 +399,18 @@ def show(config: PretrainDataConfig, options: ShowConfig) -> None:
         print("tokens per source: " + ", ".join(f"{s} {n:,} ({n / total:.1%})" for s, n in counts.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from common.config import ConfigError, parse_config
+PROG = "dataset/pretrain_dataset.py"
 
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        config = parse_config(
-            InspectConfig, argv, prog="dataset/pretrain_dataset.py", allow_extra_sections=True
-        )
+        config = parse_config(InspectConfig, argv, prog=PROG, allow_extra_sections=True)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         show(config.data, config.show)
-    except (ValueError, OSError, ShardError, ConfigError) as exc:
+    except (ValueError, OSError, ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,20 +1,19 @@
 """The pretraining stream's worker function: read a unit of plain-text records and tokenize it.
 
 Every record `{"text": ...}` becomes `<s> text </s>` (`<s>` only with `add_bos`). A record with an empty
-text is skipped (it would be a lone </s>), and so is a record on the wrong side of the held-out split: the
-held-out documents are those that a hash of their text puts in `held_out_fraction`, the same on every
-machine, so training and validation split a corpus without a list of documents.
+text is skipped (it would be a lone </s>), and so is a record on the wrong side of the held-out split
+(dataset/held_out.py: a hash of its text puts it in `held_out_fraction` or not, the same on every machine).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from data.shard_io import ShardError
 from dataset.document_order import Unit, UnitKey
+from dataset.held_out import is_held_out
 
 
 class TextTokenizer(Protocol):
@@ -43,12 +42,6 @@ class TextUnitRequest:
 
     def __str__(self) -> str:
         return f"unit {self.key.index} ({self.key.unit_docs} records) of {self.key.part.path}"
-
-
-def is_held_out(text: str, fraction: float) -> bool:
-    """Whether a document belongs to the held-out fraction: a hash of its text, the same on every machine."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < fraction * 2.0**64
 
 
 def read_unit_texts(request: TextUnitRequest) -> list[str | None]:

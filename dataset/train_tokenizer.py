@@ -1,11 +1,13 @@
 """Train Open-Llama's SentencePiece BPE tokenizer from jsonl.zst shards and export it for Hugging Face.
 
-    python dataset/train_tokenizer.py --input 'shards/*.jsonl.zst' --vocab-size 8000 --output-dir tokenizer
+    python dataset/train_tokenizer.py --input 'shards/*.jsonl.zst' --vocab_size 8000 --output_dir tokenizer
+
+(`--help` lists every option; `--vocab-size` and the other dash spellings are aliases of the `_` keys.)
 
 Memory is bounded by the sample, not the corpus: one streaming pass over the shards keeps a seeded,
-uniformly random sample of documents (at most --sample-bytes of UTF-8 text and --sample-documents
+uniformly random sample of documents (at most --sample_bytes of UTF-8 text and --sample_documents
 documents), and SentencePiece trains on that sample through a sentence iterator. A seeded fraction of
-documents (--heldout-fraction) never enters the sample; the tokenizer's compression is measured on them,
+documents (--heldout_fraction) never enters the sample; the tokenizer's compression is measured on them,
 per script (Latin / Han). The output folder is written to a temporary folder and renamed into place.
 
 SentencePiece options (Open-Llama's): BPE, byte fallback, digits split, pieces split by Unicode script,
@@ -15,7 +17,6 @@ that decode(encode(x)) == x; control symbols <s> </s> <pad> and the chat role to
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import io
 import os
@@ -27,17 +28,18 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from typing import Literal
 
 import orjson
 import sentencepiece as spm
+from jsonargparse.typing import PositiveInt, restricted_number_type
 
+from common.config import ConfigError, parse_config
 from common.files import replace_dir
 from common.memory import peak_rss_bytes
 from common.progress import ticking
 from data.shard_io import ShardError, expand_shard_paths, iter_shard_records
+from dataset.held_out import HeldOutFraction
 from dataset.tokenizer import (
     BOS,
     CONTROL_TOKENS,
@@ -50,9 +52,21 @@ from dataset.tokenizer import (
     write_hf_files,
 )
 
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '100k', '1000' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 500M, 2G)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** "_kmgt".index(unit or "_"))
+
+
 # Peak memory is about 80 MiB + 12 MiB per MB sampled (docs/tokenizer.md): ~3 GiB for the default.
-DEFAULT_SAMPLE_BYTES = 256 << 20
-DEFAULT_HELDOUT_BYTES = 8 << 20
+DEFAULT_SAMPLE_SIZE = "256M"
+DEFAULT_HELDOUT_SIZE = "8M"
+DEFAULT_SAMPLE_BYTES = parse_size(DEFAULT_SAMPLE_SIZE)
+DEFAULT_HELDOUT_BYTES = parse_size(DEFAULT_HELDOUT_SIZE)
 MAX_SENTENCE_BYTES = 16384
 SUMMARY_FILE = "training_summary.json"
 PROGRESS_SECONDS = 10.0
@@ -292,7 +306,7 @@ def train_tokenizer(
         raise ValueError(
             f"no text to train on in {len(paths)} shard file(s) matching {input_patterns!r}"
             + (f" ({len(sample.bad_shards)} bad shards)" if sample.bad_shards else "")
-            + ("; documents are larger than --sample-bytes" if sample.documents_read else "")
+            + ("; documents are larger than --sample_bytes" if sample.documents_read else "")
         )
     sampled_documents, sampled_bytes = len(sample.train), sum(map(len, sample.train))
     sampled_seconds = time.perf_counter() - started
@@ -365,13 +379,13 @@ def _train_sentencepiece(
     except RuntimeError as exc:
         hint = ""
         if needed := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(exc)):
-            # Every character kept by --character-coverage needs its own piece, plus the control symbols.
+            # Every character kept by --character_coverage needs its own piece, plus the control symbols.
             hint = (
-                f" (the sample has {needed[1]} pieces that must be in the vocabulary: raise --vocab-size "
-                "above that, or lower --character-coverage to keep fewer rare characters)"
+                f" (the sample has {needed[1]} pieces that must be in the vocabulary: raise --vocab_size "
+                "above that, or lower --character_coverage to keep fewer rare characters)"
             )
         elif "vocab_size" in str(exc):
-            hint = " (raise --vocab-size or lower --character-coverage, e.g. 0.99 for Chinese text)"
+            hint = " (raise --vocab_size or lower --character_coverage, e.g. 0.99 for Chinese text)"
         raise ValueError(f"SentencePiece training failed: {exc}{hint}") from exc
     return model.getvalue()
 
@@ -381,7 +395,7 @@ def _check_replaceable(output_dir: Path) -> None:
         output_dir.is_dir() and ((output_dir / SP_MODEL_FILE).is_file() or not any(output_dir.iterdir()))
     ):
         raise FileExistsError(
-            f"{output_dir} exists and is not a tokenizer folder; choose another --output-dir"
+            f"{output_dir} exists and is not a tokenizer folder; choose another --output_dir"
         )
 
 
@@ -392,7 +406,7 @@ def _check_writable(output_dir: Path) -> None:
         probe.mkdir(parents=True, exist_ok=True)
         probe.rmdir()
     except OSError as exc:
-        raise OSError(f"cannot write --output-dir {output_dir}: {exc.strerror or exc}") from None
+        raise OSError(f"cannot write --output_dir {output_dir}: {exc.strerror or exc}") from None
 
 
 def format_summary(summary: dict, output_dir: Path) -> str:
@@ -401,8 +415,8 @@ def format_summary(summary: dict, output_dir: Path) -> str:
         *(
             [
                 f"  warning: the sample only supports {summary['vocab_size']:,} pieces of the "
-                f"{summary['vocab_size_requested']:,} asked for; train on more text (--sample-bytes, "
-                "or a larger corpus) or lower --vocab-size"
+                f"{summary['vocab_size_requested']:,} asked for; train on more text (--sample_bytes, "
+                "or a larger corpus) or lower --vocab_size"
             ]
             if summary["vocab_size"] < summary["vocab_size_requested"]
             else []
@@ -421,88 +435,98 @@ def format_summary(summary: dict, output_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def parse_size(text: str) -> int:
-    """'512M', '2G', '100k', '1000' -> bytes (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500M, 2G)")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** "_kmgt".index(unit or "_"))
+# --- command line ---------------------------------------------------------------------------------
+
+# Unnamed: jsonargparse names a range type by its bounds (int_ge300), and registering the same bounds again
+# under another name would be an error.
+VocabSize = restricted_number_type(None, int, (">=", 300))
+"""At least 300: the 256 byte pieces, the control symbols and the sample's characters."""
+Coverage = restricted_number_type(None, float, [(">", 0), ("<=", 1)])
+"""A share in (0, 1]."""
+
+
+@dataclass
+class TokenizerTrainingConfig:
+    """Train Open-Llama's SentencePiece BPE tokenizer on a sample of jsonl.zst shards, for Hugging Face."""
+
+    input: list[str] = field(default_factory=list)
+    """Shard files, globs or folders (*.jsonl.zst): after --input or without -- (required; several allowed)."""
+    vocab_size: VocabSize | None = None
+    """Vocabulary size (required, at least 300): e.g. 100000 for 7B, 2000-8000 for the demo."""
+    output_dir: str = ""
+    """Tokenizer folder to write (required)."""
+    sample_bytes: str = DEFAULT_SAMPLE_SIZE
+    """Text to train on (500M, 2G, ...; ~12 MiB of RAM per MB)."""
+    sample_documents: PositiveInt | None = None
+    """At most this many documents in the sample (default: no limit)."""
+    heldout_fraction: HeldOutFraction = 0.01
+    """Documents kept out of the sample to measure compression on."""
+    heldout_bytes: str = DEFAULT_HELDOUT_SIZE
+    """At most this much held-out text."""
+    seed: int = 0
+    """Sampling seed (same seed, same tokenizer)."""
+    normalization: Literal["identity", "nfkc"] = "identity"
+    """identity keeps decode(encode(x)) == x; nfkc folds compatibility characters (e.g. fullwidth)."""
+    character_coverage: Coverage = 0.9995
+    """Share of characters that get their own piece."""
+    num_threads: PositiveInt | None = None
+    """SentencePiece threads (default: all cores)."""
+    model_max_length: PositiveInt = DEFAULT_MODEL_MAX_LENGTH
+    """Written to tokenizer_config.json."""
+    verbose: bool = False
+    """Show SentencePiece's own log."""
+    quiet: bool = False
+    """Print nothing but errors."""
+
+    def __post_init__(self) -> None:
+        if not self.input or self.vocab_size is None or not self.output_dir:
+            raise ValueError("give --input SHARDS, --vocab_size N and --output_dir DIR")
+        for size in (self.sample_bytes, self.heldout_bytes):
+            parse_size(size)
+
+
+PROG = "dataset/train_tokenizer.py"
+# Dash spellings of the keys, the usual style of command-line tools.
+ALIASES = {
+    "vocab-size": "vocab_size",
+    "output-dir": "output_dir",
+    "sample-bytes": "sample_bytes",
+    "sample-documents": "sample_documents",
+    "heldout-fraction": "heldout_fraction",
+    "heldout-bytes": "heldout_bytes",
+    "character-coverage": "character_coverage",
+    "num-threads": "num_threads",
+    "model-max-length": "model_max_length",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python dataset/train_tokenizer.py", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--input", nargs="+", required=True, help="shard files, globs or folders (*.jsonl.zst)"
-    )
-    parser.add_argument(
-        "--vocab-size", type=int, required=True, help="e.g. 100000 for 7B, 2000-8000 for the demo"
-    )
-    parser.add_argument("--output-dir", required=True, type=Path, help="tokenizer folder to write")
-    parser.add_argument(
-        "--sample-bytes",
-        type=parse_size,
-        default=DEFAULT_SAMPLE_BYTES,
-        help="text to train on (default 256M; ~12 MiB of RAM per MB)",
-    )
-    parser.add_argument("--sample-documents", type=int, default=None, help="at most this many documents")
-    parser.add_argument(
-        "--heldout-fraction", type=float, default=0.01, help="documents kept out for evaluation"
-    )
-    parser.add_argument(
-        "--heldout-bytes",
-        type=parse_size,
-        default=DEFAULT_HELDOUT_BYTES,
-        help="at most this much held-out text",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same tokenizer)")
-    parser.add_argument(
-        "--normalization",
-        choices=["identity", "nfkc"],
-        default="identity",
-        help="identity keeps decode(encode(x)) == x; nfkc folds compatibility characters (e.g. fullwidth)",
-    )
-    parser.add_argument(
-        "--character-coverage",
-        type=float,
-        default=0.9995,
-        help="share of characters that get their own piece",
-    )
-    parser.add_argument("--num-threads", type=int, default=None, help="SentencePiece threads (default: all)")
-    parser.add_argument(
-        "--model-max-length",
-        type=int,
-        default=DEFAULT_MODEL_MAX_LENGTH,
-        help="written to tokenizer_config.json",
-    )
-    parser.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    args = parser.parse_args(argv)
-    if args.vocab_size < 300:
-        parser.error("--vocab-size must be at least 300 (256 byte pieces + control symbols + characters)")
+    try:
+        config = parse_config(TokenizerTrainingConfig, argv, aliases=ALIASES, prog=PROG, positional="input")
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     try:
         train_tokenizer(
-            args.input,
-            args.vocab_size,
-            args.output_dir,
-            sample_bytes=args.sample_bytes,
-            sample_documents=args.sample_documents,
-            heldout_fraction=args.heldout_fraction,
-            heldout_bytes=args.heldout_bytes,
-            seed=args.seed,
-            normalization=args.normalization,
-            character_coverage=args.character_coverage,
-            num_threads=args.num_threads,
-            model_max_length=args.model_max_length,
-            verbose=args.verbose,
-            log=None if args.quiet else log,
-            progress=not args.quiet,
+            config.input,
+            config.vocab_size,
+            config.output_dir,
+            sample_bytes=parse_size(config.sample_bytes),
+            sample_documents=config.sample_documents,
+            heldout_fraction=config.heldout_fraction,
+            heldout_bytes=parse_size(config.heldout_bytes),
+            seed=config.seed,
+            normalization=config.normalization,
+            character_coverage=config.character_coverage,
+            num_threads=config.num_threads,
+            model_max_length=config.model_max_length,
+            verbose=config.verbose,
+            log=None if config.quiet else log,
+            progress=not config.quiet,
         )
     except (OSError, ValueError) as exc:  # OSError covers FileNotFoundError and FileExistsError
         print(f"error: {exc}", file=sys.stderr)

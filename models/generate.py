@@ -1,5 +1,7 @@
 """Text generation with a static KV cache: greedy or sampled (temperature, top-k, top-p), repetition penalty,
-stop tokens, a seed, batches of left-padded prompts, and a streaming iterator for servers.
+stop tokens, a seed, batches of left-padded prompts. Training samples text with it (training/evaluation.py);
+the chat server decodes with its own loop over requests that come and go (serve/engine.py), sharing
+`process_logits` and the KV cache (models/kv_cache.py).
 
 The prompt is run once (prefill) into a KV cache allocated for prompt + max_new_tokens positions; every later
 step feeds only the newest token. Left padding is handled as a document of its own (see Llama.forward): the
@@ -12,7 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from models.llama import KVCache, Llama
+from models.kv_cache import KVCache
+from models.llama import Llama
 
 
 def process_logits(
@@ -136,41 +139,6 @@ def _decode(
             seen[torch.arange(b, device=device), token] = True
         logits = model(token[:, None], position_ids=next_position, kv_cache=cache).logits[:, -1]
         next_position = next_position + 1
-
-
-def stream_generate(
-    model: Llama,
-    input_ids: torch.Tensor | Sequence[int],
-    *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    stop_token_ids: Iterable[int] = (),
-    seed: int | None = None,
-) -> Iterator[int]:
-    """Yield new token ids of one prompt as they are produced; stops after a stop token (not yielded)."""
-    ids, single = _as_batch(input_ids)
-    if not single and ids.shape[0] != 1:
-        raise ValueError("stream_generate takes one prompt; use generate() for a batch")
-    stops = set(stop_token_ids)
-    steps = _decode(
-        model,
-        ids,
-        None,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
-    for token in steps:
-        token_id = int(token[0])
-        if token_id in stops:
-            return
-        yield token_id
 
 
 def generate(

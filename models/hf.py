@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from common.files import apply_umask, replace_dir
+from common.files import atomic_dir
 from models.llama import Llama, ModelConfig, RunOptions
 
 OUR_CONFIG = "open_llama_config.json"
@@ -176,9 +175,7 @@ def export_hf(
     disk_dtype = next(iter(tensors.values())).dtype
     special = _special_token_ids(tokenizer_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         _save_sharded(tensors, tmp, max_shard_bytes)
         config = {**hf_config_dict(model.config, tie_word_embeddings=tied, dtype=disk_dtype), **special}
         _write_json(tmp / "config.json", config)
@@ -195,11 +192,6 @@ def export_hf(
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).is_file():
                     shutil.copy2(tokenizer_dir / name, tmp / name)
-        apply_umask(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -34,7 +34,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from common import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 GPU_EXTRAS_HINT = "pip install -r requirements-gpu.txt"
-CROSS_ENTROPY_CHOICES = ("auto", "none", "chunked", "liger")
+CrossEntropyMode = Literal["auto", "none", "chunked", "liger"]
 
 
 class KernelSwitches(Protocol):
@@ -53,7 +53,7 @@ class KernelSwitches(Protocol):
     fused_norm: bool
     fused_rope: bool
     fused_swiglu: bool
-    fused_cross_entropy: str
+    fused_cross_entropy: CrossEntropyMode
 
 
 @dataclass(frozen=True)

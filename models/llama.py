@@ -20,33 +20,28 @@ Parameter names follow transformers' ``LlamaForCausalLM`` (``model.embed_tokens.
 the stable-embedding LayerNorm (``model.embed_layernorm``) is the only extra module, folded away on export
 (models/hf.py). Attention kernels are chosen once by name in models/attention.py, fused kernels for the
 norm, RoPE, SwiGLU and the loss by the fused_* switches in models/kernels.py; both are RunOptions,
-chosen per run and never part of the saved ModelConfig.
+chosen per run and never part of the saved ModelConfig. The LM head and its losses are in models/lm_head.py,
+the KV cache that generation and serving pass to `Llama.forward` in models/kv_cache.py.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common import IGNORE_INDEX
-from models.attention import (
-    AttentionBackend,
-    DenseMask,
-    PackageBackend,
-    PackedMask,
-    SdpaBackend,
-    get_attention_backend,
-)
-from models.kernels import CROSS_ENTROPY_CHOICES, Kernels, chunked_linear_cross_entropy, select_kernels
+from models.attention import AttentionBackend, get_attention_backend
+from models.kernels import CrossEntropyMode, Kernels, select_kernels
+from models.kv_cache import KVCache
+from models.lm_head import LMHead, linear_cross_entropy, shift_labels
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -70,34 +65,35 @@ class ModelConfig:
     activation checkpointing) is a RunOptions, chosen per run. Every field is a plain value, so it
     round-trips through YAML/JSON."""
 
-    vocab_size: int = 32000
-    """Number of token ids; set it from the tokenizer (``Tokenizer.vocab_size``)."""
-    dim: int = 4096
+    vocab_size: NonNegativeInt = 32000
+    """Number of token ids; set it from the tokenizer (``Tokenizer.vocab_size``). A run config's 0 means the
+    tokenizer's."""
+    dim: PositiveInt = 4096
     """Width of the residual stream (hidden size)."""
-    n_layers: int = 32
+    n_layers: PositiveInt = 32
     """Number of decoder blocks."""
-    n_heads: int = 32
+    n_heads: PositiveInt = 32
     """Number of query heads."""
-    n_kv_heads: int | None = None
+    n_kv_heads: PositiveInt | None = None
     """Number of key/value heads (grouped-query attention); None means n_heads (plain multi-head attention)."""
-    intermediate_size: int | None = None
+    intermediate_size: PositiveInt | None = None
     """SwiGLU hidden width; None derives it from dim (2/3·4·dim rounded up to a multiple of 256)."""
-    head_dim: int | None = None
+    head_dim: PositiveInt | None = None
     """Width of one attention head; None means dim // n_heads (a few imported checkpoints differ)."""
-    max_seq_len: int = 2048
+    max_seq_len: PositiveInt = 2048
     """Longest sequence the model is trained for (written as max_position_embeddings on export)."""
-    rope_theta: float = 10000.0
+    rope_theta: PositiveFloat = 10000.0
     """Rotary embedding base."""
     rope_scaling: dict[str, Any] | None = None
     """Optional rotary scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"} or {"rope_type": "linear", "factor"}."""
-    norm_eps: float = 1e-6
+    norm_eps: PositiveFloat = 1e-6
     """Epsilon of the RMSNorm (and of the stable-embedding LayerNorm)."""
     stable_embedding: bool = False
     """BLOOM's stable embedding: LayerNorm after the token embedding, Xavier-normal embedding init."""
     tie_embeddings: bool = False
     """PaLM's shared input/output embeddings: the LM head reuses the token embedding matrix."""
-    init_std: float = 0.02
+    init_std: PositiveFloat = 0.02
     """Standard deviation of the normal initialisation."""
 
     def __post_init__(self) -> None:
@@ -151,7 +147,7 @@ class RunOptions:
     argument when loading a model) and never saved with the model. None of them changes the math beyond
     floating-point rounding; each fast path has a fallback and an agreement test."""
 
-    attention_backend: str = "sdpa"
+    attention_backend: Literal["sdpa", "eager", "flex", "xformers", "flash_attn"] = "sdpa"
     """Attention kernel: sdpa (default), eager (reference), flex, xformers, flash_attn (see models/attention.py)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
@@ -161,17 +157,11 @@ class RunOptions:
     """Rotary embedding of q and k through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
     fused_swiglu: bool = False
     """SwiGLU's silu(gate) * up through Liger Kernel's Triton kernel on CUDA; PyTorch elsewhere."""
-    fused_cross_entropy: str = "auto"
+    fused_cross_entropy: CrossEntropyMode = "auto"
     """LM head + loss: none (full logits), chunked (PyTorch, any device) or liger (Liger's fused kernel on
     CUDA, else chunked). chunked and liger never hold the full logits: with labels, forward returns none.
     auto: chunked while the model is in training mode (a training step needs only the loss, and the chunked
     loss is faster and smaller), full logits in eval mode (evaluation and generation see the logits)."""
-
-    def __post_init__(self) -> None:
-        if self.fused_cross_entropy not in CROSS_ENTROPY_CHOICES:
-            raise ValueError(
-                f"fused_cross_entropy must be one of {CROSS_ENTROPY_CHOICES}, got {self.fused_cross_entropy!r}"
-            )
 
 
 # Open-Llama models use both of its additions (stable + shared embeddings) at every size. Fields not given
@@ -301,120 +291,6 @@ def rotate_queries_keys(
 # --------------------------------------------------------------------------------------------------
 
 
-class KVCache:
-    """Static key/value cache (gpt-fast's design): buffers allocated once for `batch_size` rows of `max_len`
-    positions and written in place at each row's current position, so a decoding step always sees the same
-    buffers.
-
-    Every row keeps its own length (`lengths`, on the host: shapes and slices are read from it without a
-    device sync). generate() keeps the rows of a batch level; the chat server's engine (serve/engine.py)
-    gives each row (slot) to one request, so rows are at different positions, and a row is reset for a new
-    request by setting its length to 0 while the others carry on. `rows(start, stop)` is a view of some rows
-    sharing the buffers (one request's prefill into its slot).
-
-    The cache also remembers every cached position's document id, so left-padded prompts (padding = its own
-    document) and packed prompts stay masked correctly while decoding.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.document_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long)
-        self.max_len = max_len
-        # Where the forward in progress writes: every row from column `_start` (rows level), or per row at
-        # `_columns` (B, T); and how many columns its attention reads.
-        self._start = 0
-        self._columns: torch.Tensor | None = None
-        self._kv_len = 0
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A view of rows [start, stop): writes through it (and its length updates) land in this cache."""
-        view = copy.copy(self)
-        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        view.document_ids, view.lengths = self.document_ids[start:stop], self.lengths[start:stop]
-        return view
-
-    @property
-    def length(self) -> int:
-        """The rows' common length (generate()'s batches keep their rows level)."""
-        if not bool((self.lengths == self.lengths[0]).all()):
-            raise ValueError(f"the rows have different lengths {self.lengths.tolist()}")
-        return int(self.lengths[0])
-
-    def begin(
-        self, position_ids: torch.Tensor | None, t: int, backend: AttentionBackend, device: torch.device
-    ) -> tuple[torch.Tensor, Any]:
-        """Start a forward of `t` new positions per row, each row after its own length: record their documents
-        (a new one wherever the position restarts at 0, or a row starts empty) and return the position ids
-        (default: continuing each row) and the attention mask over the cache."""
-        lengths = self.lengths
-        longest = int(lengths.max())
-        if longest + t > self.max_len:
-            raise ValueError(f"KV cache full: {longest} + {t} positions > max_len {self.max_len}")
-        self._kv_len = longest + t
-        level = bool((lengths == longest).all())
-        row_lengths = lengths.to(device)
-        columns = row_lengths[:, None] + torch.arange(t, device=device)
-        if position_ids is None:
-            position_ids = columns
-        starts = position_ids == 0
-        starts[:, 0] |= row_lengths == 0
-        last = self.document_ids.gather(1, (row_lengths - 1).clamp(min=0)[:, None])
-        new_documents = torch.where(row_lengths[:, None] > 0, last, 0) + starts.long().cumsum(dim=1)
-        documents = self.document_ids[:, : self._kv_len]
-        if level:  # plain slices, and a mask from the backend itself (flex builds block masks)
-            self._start, self._columns = longest, None
-            self.document_ids[:, longest : self._kv_len] = new_documents
-            mask = backend.prepare(q_len=t, kv_len=self._kv_len, document_ids=documents, device=device)
-            return position_ids, mask
-        self._columns = columns
-        self.document_ids.scatter_(1, columns, new_documents)
-        allowed = torch.arange(self._kv_len, device=device) <= columns[:, :, None]  # causal, per row
-        query_documents = documents.gather(1, columns)
-        allowed &= query_documents[:, :, None] == documents[:, None, :]
-        return position_ids, rows_mask(backend, allowed[:, None])
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values for `layer`; return all cached ones so far (this step included)."""
-        if self._columns is None:
-            end = self._start + k.shape[2]
-            self.k[layer, :, :, self._start : end] = k
-            self.v[layer, :, :, self._start : end] = v
-        else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.k[layer][rows, :, self._columns] = k.transpose(1, 2)
-            self.v[layer][rows, :, self._columns] = v.transpose(1, 2)
-        return self.k[layer, :, :, : self._kv_len], self.v[layer, :, :, : self._kv_len]
-
-    def end(self, t: int) -> None:
-        """Finish the forward: every row is `t` positions longer."""
-        self.lengths += t
-
-
-def rows_mask(backend: AttentionBackend, allowed: torch.Tensor) -> Any:
-    """The mask for rows at different cache positions, an explicit (B, 1, Tq, Tk) boolean mask: the backends
-    that take one (sdpa, eager, and the package kernels, which decode through sdpa anyway)."""
-    dense = DenseMask(allowed, is_causal=False)
-    if isinstance(backend, SdpaBackend):
-        return dense
-    if isinstance(backend, PackageBackend):
-        return PackedMask(None, None, 0, fallback=dense)
-    raise ValueError(
-        f"attention backend {backend.name!r} cannot attend from rows at different cache positions; "
-        "use sdpa or eager (the chat server does)"
-    )
-
-
 class Attention(nn.Module):
     def __init__(
         self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, kernels: Kernels
@@ -500,7 +376,7 @@ class DecoderLayer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Model and LM head
+# Model
 # --------------------------------------------------------------------------------------------------
 
 
@@ -515,39 +391,6 @@ class LlamaModel(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend, kernels) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, kernels.rms_norm)
-
-
-class LMHead(nn.Linear):
-    """The output projection, and with targets the loss through the chosen kernel (models/kernels.py).
-
-    The loss kernels read the head's weight themselves (the chunked ones never build the full logits), so
-    they run inside this module's call: engines that gather a module's sharded parameters around its forward
-    and backward (DeepSpeed ZeRO-3) then see every use of the weight.
-    """
-
-    def __init__(self, dim: int, vocab_size: int, linear_cross_entropy: Callable[..., Any]) -> None:
-        super().__init__(dim, vocab_size, bias=False)
-        self.linear_cross_entropy = linear_cross_entropy
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        *,
-        chunked: bool = False,
-        with_accuracy: bool = False,
-        per_token: bool = False,
-    ) -> Any:
-        """Logits; or with (shifted) targets (loss, logits or None[, token accuracy]); or with `per_token`
-        each target's log-probability (0 where ignored), float32, the same shape as `targets`."""
-        if targets is None:
-            return F.linear(x, self.weight)
-        if per_token:
-            return target_logprobs(x, self.weight, targets)
-        kernel = chunked_linear_cross_entropy if chunked else self.linear_cross_entropy
-        if with_accuracy:
-            return kernel(x, self.weight, targets, with_accuracy=True)
-        return kernel(x, self.weight, targets)
 
 
 @dataclass
@@ -585,7 +428,12 @@ class Llama(nn.Module):
         self.kernels = select_kernels(self.options, REFERENCE_KERNELS)
         self.model = LlamaModel(config, self.attention_backend, self.kernels)
         self.rotary = RotaryEmbedding(config)
-        self.lm_head = LMHead(config.dim, config.vocab_size, self.kernels.linear_cross_entropy)
+        self.lm_head = LMHead(
+            config.dim,
+            config.vocab_size,
+            self.kernels.linear_cross_entropy,
+            chunked_in_training=self.options.fused_cross_entropy == "auto",
+        )
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()
@@ -700,19 +548,18 @@ class Llama(nn.Module):
         if kv_cache is not None:
             kv_cache.end(t)
 
-        if labels is not None:
-            chunked = self.options.fused_cross_entropy == "auto" and self.training
-            targets = shift_labels(labels)
-            if return_token_logprobs:
-                return CausalLMOutput(token_logprobs=self.lm_head(x, targets, per_token=True))
-            if return_token_accuracy:
-                loss, logits, accuracy = self.lm_head(x, targets, chunked=chunked, with_accuracy=True)
-                return CausalLMOutput(loss=loss, logits=logits, token_accuracy=accuracy)
-            loss, logits = self.lm_head(x, targets, chunked=chunked)
-            return CausalLMOutput(loss=loss, logits=logits)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return CausalLMOutput(logits=self.lm_head(x))
+        if labels is None:
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+            return CausalLMOutput(logits=self.lm_head.logits(x))
+        targets = shift_labels(labels)
+        if return_token_logprobs:
+            return CausalLMOutput(token_logprobs=self.lm_head.target_logprobs(x, targets))
+        if return_token_accuracy:
+            loss, logits, accuracy = self.lm_head.loss_and_accuracy(x, targets)
+            return CausalLMOutput(loss=loss, logits=logits, token_accuracy=accuracy)
+        loss, logits = self.lm_head.loss(x, targets)
+        return CausalLMOutput(loss=loss, logits=logits)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters (a tied matrix counts once); optionally without the token embedding
@@ -734,45 +581,6 @@ class Llama(nn.Module):
         if c.tie_embeddings:
             n += self.lm_head.weight.numel()
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Next-token targets from unshifted (HF convention) labels; the last position has none (IGNORE_INDEX).
-
-    Shifting the labels rather than the logits avoids a copy of the (B, T, V) logits.
-    """
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (in float32) of logits (..., V) against targets (...); IGNORE_INDEX is skipped."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, with_accuracy: bool = False
-) -> tuple[torch.Tensor, ...]:
-    """The reference LM head + loss: the full logits, then the mean cross-entropy against shifted targets
-    (and, `with_accuracy`, the fraction of targets that are the argmax)."""
-    logits = F.linear(hidden, weight)
-    loss = token_cross_entropy(logits, targets)
-    if not with_accuracy:
-        return loss, logits
-    valid = targets != IGNORE_INDEX
-    hits = (logits.detach().argmax(dim=-1) == targets) & valid
-    return loss, logits, hits.sum() / valid.sum()
-
-
-def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) at every position of `hidden @ weight.T` (..., V), in float32; 0 where the target is
-    IGNORE_INDEX. The logits are built in full (a preference batch is a few rows)."""
-    logits = F.linear(hidden, weight).float()
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return -nll.reshape(targets.shape)
 
 
 # The PyTorch implementations the model starts from; models/kernels.py swaps in fused ones by config.

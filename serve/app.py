@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from jsonargparse.typing import restricted_number_type
 
 from dataset.chat_template import ROLE_TOKENS
 from serve.api import ServerState, build_api
@@ -26,6 +27,9 @@ from serve.engine import Engine, EngineConfig
 log = logging.getLogger("serve")
 API_KEY_ENV = "OPEN_LLAMA_API_KEY"
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+Port = restricted_number_type(
+    None, int, [(">=", 1), ("<=", 65535)]
+)  # named by its bounds, as in jsonargparse
 
 
 @dataclasses.dataclass
@@ -36,7 +40,7 @@ class ServerConfig:
     """A Hugging Face Llama folder with a chat template in its tokenizer (ours, or anyone's)."""
     host: str = "127.0.0.1"
     """Address to listen on; only this machine can connect unless you choose another (e.g. 0.0.0.0)."""
-    port: int = 7860
+    port: Port = 7860
     """Port for both the chat page (/) and the API (/v1)."""
     api_key: str | None = None
     """Require 'Authorization: Bearer KEY' on the API (and KEY as the chat page's password); default: the

@@ -9,7 +9,7 @@ A request's way through it:
    their slot's rows of the cache (prefill), in chunks of at most `prefill_chunk` tokens per step, so a long
    prompt delays the others' next token by one chunk at most. The last chunk's logits give the first token.
 3. Each step then feeds the newest token of every decoding request as one batch: cache rows 0..hi, each at
-   its own position (models/llama.py KVCache keeps a length per row). Free or still-prefilling rows inside
+   its own position (models/kv_cache.py: KVCache keeps a length per row). Free or still-prefilling rows inside
    that range ride along; their outputs are dropped and their lengths put back, so nothing moves in memory.
 4. A request leaves between steps, its slot free for the next: a stop token, a stop string, max_tokens,
    its time limit, or `cancel()` (a client that went away, the UI's stop button).
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 
 from models.generate import process_logits
-from models.llama import KVCache, Llama
+from models.kv_cache import KVCache
+from models.llama import Llama
 from serve.text import TextStream
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import models.kernels as models_kernels
 from models.attention import BACKENDS, PackageBackend, get_attention_backend
-from models.llama import Llama, ModelConfig, RunOptions
+from models.llama import Llama, RunOptions
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -172,15 +172,14 @@ def test_package_backend_glue_agrees_with_eager_on_cpu(name, documents, stand_in
 
 
 @pytest.mark.parametrize("name", ["xformers", "flash_attn"])
-def test_package_backend_model_packs_and_decodes_on_cpu(name, stand_in_packages):
+def test_package_backend_model_packs_and_decodes_on_cpu(tiny_model_config, name, stand_in_packages):
     """Through the whole model: a packed row equals its documents one by one, and cached decoding (which
     falls back to sdpa for the one-query steps) equals the eager model's."""
     from models.generate import generate
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
-    model = Llama(ModelConfig(**shape), RunOptions(attention_backend=name)).eval()
-    reference = Llama(ModelConfig(**shape), RunOptions(attention_backend="eager")).eval()
+    model = Llama(tiny_model_config(vocab_size=97), RunOptions(attention_backend=name)).eval()
+    reference = Llama(tiny_model_config(vocab_size=97), RunOptions(attention_backend="eager")).eval()
     reference.load_state_dict(model.state_dict())
     lengths = [7, 16, 1, 9]
     docs = [torch.randint(0, 97, (1, n)) for n in lengths]
@@ -256,16 +255,9 @@ def test_gpu_backend_falls_back_to_sdpa_with_one_log_line(name, installed, monke
 
 @pytest.mark.parametrize("name", ["sdpa", "eager", "flex"])
 @pytest.mark.parametrize("stable", [False, True])
-def test_packed_row_equals_documents_run_one_by_one(name, stable):
+def test_packed_row_equals_documents_run_one_by_one(tiny_model_config, name, stable):
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=97,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        stable_embedding=stable,
-    )
+    config = tiny_model_config(vocab_size=97, stable_embedding=stable)
     model = Llama(config, RunOptions(attention_backend=name)).eval()
     lengths = [7, 16, 1, 9]
     docs = [torch.randint(0, 97, (1, n)) for n in lengths]
@@ -277,9 +269,9 @@ def test_packed_row_equals_documents_run_one_by_one(name, stable):
     assert (packed_logits - one_by_one).abs().max() <= 1e-5
 
 
-def test_packed_loss_equals_weighted_per_document_loss():
+def test_packed_loss_equals_weighted_per_document_loss(tiny_model_config):
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
+    model = Llama(tiny_model_config(vocab_size=97))
     lengths = [12, 20]
     docs = [torch.randint(0, 97, (1, n)) for n in lengths]
     packed = torch.cat(docs, dim=1)

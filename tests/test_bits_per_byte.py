@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-from test_tokenizer import synthetic_shards, synthetic_tokdir  # noqa: F401 (fixtures)
-from test_training import pretrain, real_data, run_config  # noqa: F401 (fixtures)
 
 from common import IGNORE_INDEX
 from dataset.tokenizer import Tokenizer, token_byte_lengths
-from models.llama import Llama, ModelConfig
+from models.llama import Llama
+from tests.helpers.model import tiny_model_config
+from tests.helpers.training import pretrain, run_config
 from training.config import TrainConfig
 from training.distributed import build_accelerator
 from training.evaluation import Validator
@@ -24,7 +24,7 @@ VOCAB = 64
 
 def small_model(*, uniform: bool) -> Llama:
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, max_seq_len=32)).eval()
+    model = Llama(tiny_model_config(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, max_seq_len=32)).eval()
     if uniform:  # all logits 0: every next token has probability 1/V
         torch.nn.init.zeros_(model.lm_head.weight)
     return model
@@ -77,7 +77,7 @@ def test_validation_bpb_is_total_bits_over_total_bytes(tmp_path):
     assert val["val_bpb"] == pytest.approx(nats / math.log(2) / total_bytes, rel=1e-5)
 
 
-def test_byte_table_matches_decoding_and_real_text(synthetic_tokdir):  # noqa: F811
+def test_byte_table_matches_decoding_and_real_text(synthetic_tokdir):
     tokenizer = Tokenizer.load(synthetic_tokdir)
     table = token_byte_lengths(tokenizer)
     assert len(table) == tokenizer.vocab_size
@@ -104,7 +104,7 @@ def test_byte_table_matches_decoding_and_real_text(synthetic_tokdir):  # noqa: F
         assert sum(table[i] for i in ids) == len(text.encode()), text
 
 
-def test_pretraining_logs_bits_per_byte(real_data, tmp_path):  # noqa: F811
+def test_pretraining_logs_bits_per_byte(real_data, tmp_path):
     out = tmp_path / "run"
     config = run_config(
         real_data, out, train={"max_steps": 4, "eval_every": 2, "eval_batches": 1, "checkpoint_every": 0}

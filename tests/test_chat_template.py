@@ -9,14 +9,11 @@ folder and tokenizes it with the Hugging Face tokenizer, and returns the assista
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-import orjson
 import pytest
-import zstandard
 
 from common import IGNORE_INDEX
-from dataset.chat_data import fit_to_length, trained_spans
+from dataset.chat_prepare import fit_to_length
 from dataset.chat_template import (
     CHAT_TEMPLATE,
     ROLE_TOKENS,
@@ -27,49 +24,9 @@ from dataset.chat_template import (
     show_trained,
     stop_token_ids,
 )
+from dataset.prepare import trained_spans
 from dataset.tokenizer import Tokenizer
-from dataset.train_tokenizer import train_tokenizer
-
-# Common English words, to make English-like text.
-COMMON = "the of and to in is was for on that with as by at from it an be this are or his which not but"
-WORDS = COMMON.split(" ")
-HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 120)]
-
-
-def generated_texts(n: int, seed: int = 0) -> list[str]:
-    """English-like sentences, Chinese-like lines, code with indentation and blank lines."""
-    rng = random.Random(seed)
-    texts = []
-    for i in range(n):
-        if i % 3 == 0:
-            texts.append(
-                " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))).capitalize() + ".\n"
-            )
-        elif i % 3 == 1:
-            texts.append("".join(rng.choice(HAN) for _ in range(rng.randint(20, 80))) + "。\n\n")
-        else:
-            body = "\n".join(f"    {rng.choice(WORDS)} = {rng.randint(0, 99)}" for _ in range(5))
-            texts.append(f"def f(x):\n{body}\n\n\treturn  x\n")
-    return texts
-
-
-def train_chat_tokenizer(folder: Path, texts: list[str], vocab_size: int) -> Path:
-    """A tokenizer (SentencePiece + Hugging Face files with the chat template) trained on `texts`."""
-    shards = folder / "shards"
-    shards.mkdir(parents=True)
-    lines = b"".join(orjson.dumps({"text": t}) + b"\n" for t in texts)
-    (shards / "part-chat-00000.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
-    return train_tokenizer(str(shards / "*.jsonl.zst"), vocab_size, folder / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def tokdir(tmp_path_factory) -> Path:
-    return train_chat_tokenizer(tmp_path_factory.mktemp("chat_tok"), generated_texts(600), 700)
-
-
-@pytest.fixture(scope="module")
-def tok(tokdir) -> Tokenizer:
-    return Tokenizer.load(tokdir)
+from tests.helpers.chat import HAN, MULTI_TURN, WORDS
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +34,6 @@ def hf(tokdir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokdir)
-
-
-MULTI_TURN = [
-    {"role": "system", "content": "You are a concise assistant.\n"},
-    {"role": "user", "content": "What is the of and? 中文问题"},
-    {"role": "assistant", "content": "It is\n\n  the answer.\n"},
-    {"role": "user", "content": "\nAnd this,\twith a tab?"},
-    {"role": "assistant", "content": " def f(x):\n    return x"},
-]
 
 
 def expected_render(tok: Tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:

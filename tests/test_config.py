@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from common.config import ConfigError, config_to_dict, load_config, parse_config, save_config
+from common.config import ConfigError, config_to_dict, given_keys, load_config, parse_config, save_config
 from models.llama import ModelConfig, llama_intermediate_size
 from training.config import LoggingConfig, OptimConfig, TrainConfig
 
@@ -116,9 +116,13 @@ def test_yaml_then_command_line_with_declared_types(tmp_path):
 @pytest.mark.parametrize("value", ["7.9e0", "1.5", "ten", "true", "[1]"])
 def test_an_int_key_takes_only_an_exact_integer(tmp_path, value):
     message = error(tmp_path, None, "--train.max_steps", value)
-    assert message == f"command line (--train.max_steps): 'train.max_steps' must be int, got '{value}'"
+    assert (
+        message == f"command line (--train.max_steps): 'train.max_steps' must be PositiveInt, got '{value}'"
+    )
     message = error(tmp_path, f"train: {{max_steps: {value}}}\n")
-    assert message.startswith(f"{tmp_path / 'run.yaml'}: 'train.max_steps' must be int, got ")
+    assert message.startswith(f"{tmp_path / 'run.yaml'}: 'train.max_steps' must be PositiveInt, got ")
+    message = error(tmp_path, None, "--kinds.steps", value)
+    assert message == f"command line (--kinds.steps): 'kinds.steps' must be int, got '{value}'"
 
 
 def test_an_int_key_takes_integers_written_as_integers(tmp_path):
@@ -171,7 +175,8 @@ def test_every_field_type_from_yaml_and_from_the_command_line(tmp_path):
         tmp_path, "kinds: {maybe: true, limit: 1, name: y, extra: {a: 1}}\n", *nulls, cls=KindsOnly
     )
     assert cleared.kinds == Kinds()
-    assert "'kinds.flag' must be bool" in error(tmp_path, None, "--kinds.flag", "maybe", cls=KindsOnly)
+    assert "'kinds.flag' must be bool" in error(tmp_path, None, "--kinds.flag=maybe", cls=KindsOnly)
+    assert "unexpected argument 'maybe'" in error(tmp_path, None, "--kinds.flag", "maybe", cls=KindsOnly)
     assert "'kinds.weights' must be dict[str, float]" in error(
         tmp_path, "kinds: {weights: {a: x}}\n", cls=KindsOnly
     )
@@ -194,6 +199,177 @@ def test_one_value_for_a_list_key_is_a_one_item_list(tmp_path):
 def test_an_alias_sets_its_dotted_key(tmp_path):
     config = parse(tmp_path, "train: {resume: ''}\n", "--resume", "auto", aliases={"resume": "train.resume"})
     assert config.train.resume == "auto"
+
+
+@dataclasses.dataclass
+class Tool:
+    """A command-line tool: inputs without --, dash-spelled flags."""
+
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    """Input files."""
+    output_dir: str = "out"
+    """Where the output goes."""
+    strict: bool = False
+    """Stop at the first bad record."""
+    keep_order: bool = True
+    """Write in input order."""
+    workers: int = 1
+    """Worker processes."""
+
+
+@dataclasses.dataclass
+class OneFolder:
+    """A tool that writes one folder."""
+
+    out_dir: str = ""
+    """The folder to write."""
+    cache_dir: str | None = None
+    """Where downloads are kept."""
+
+
+def test_bare_arguments_fill_the_positional_list_and_a_bool_key_is_a_flag(tmp_path):
+    aliases = {"output-dir": "output_dir"}
+    argv = ["a.jsonl", "--output-dir", "o", "b/*.jsonl", "--strict", "--workers", "2", "c.jsonl"]
+    config = parse(tmp_path, None, *argv, cls=Tool, aliases=aliases, positional="inputs")
+    assert config == Tool(inputs=["a.jsonl", "b/*.jsonl", "c.jsonl"], output_dir="o", strict=True, workers=2)
+    assert parse(tmp_path, None, "x", "--strict=false", cls=Tool, positional="inputs").strict is False
+    assert parse(tmp_path, "inputs: [f]\n", cls=Tool, positional="inputs").inputs == ["f"]
+    assert "unexpected argument 'x'" in error(tmp_path, None, "x", cls=Tool)
+    assert "--workers needs a value" in error(tmp_path, None, "--workers", cls=Tool)  # only bools are flags
+    assert "'workers' must be int, got 'x'" in error(
+        tmp_path, None, "--workers", "x", cls=Tool, positional="inputs"
+    )
+
+
+def test_the_positional_fields_own_flag_and_the_bare_arguments_make_one_list_in_order(tmp_path):
+    argv = ["--inputs", "a", "b", "--workers", "2", "c", "--inputs=d", "--inputs", "e"]
+    assert parse(tmp_path, None, *argv, cls=Tool, positional="inputs").inputs == ["a", "b", "c", "d", "e"]
+    aliases = {"input": "inputs"}
+    assert parse(
+        tmp_path, None, "--input", "a", "b", cls=Tool, aliases=aliases, positional="inputs"
+    ).inputs == [
+        "a",
+        "b",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "strict", "inputs"),
+    [
+        (["--strict"], True, []),
+        (["--strict", "a"], True, ["a"]),
+        (["--strict", "true", "a"], True, ["a"]),
+        (["--strict", "false", "a"], False, ["a"]),
+        (["--strict", "no"], False, []),
+        (["--strict", "Yes"], True, []),
+        (["--strict", "--workers", "2"], True, []),
+        (["--strict=false", "a"], False, ["a"]),
+        (["--check", "off"], False, []),  # an alias of a bool key, the same way
+        (["--check", "a"], True, ["a"]),
+        (["--check", "false", "a"], False, ["a"]),
+    ],
+)
+def test_a_bool_key_alone_is_true_and_takes_a_bool_word_after_it(tmp_path, argv, strict, inputs):
+    config = parse(tmp_path, None, *argv, cls=Tool, aliases={"check": "strict"}, positional="inputs")
+    assert (config.strict, config.inputs) == (strict, inputs)
+
+
+def test_a_bool_key_in_a_section_is_a_flag_too(tmp_path):
+    assert parse(tmp_path, None, "--kinds.flag", cls=KindsOnly).kinds.flag is True
+    assert parse(tmp_path, None, "--kinds.flag", "--kinds.steps", "3", cls=KindsOnly).kinds == Kinds(
+        flag=True, steps=3
+    )
+    assert parse(tmp_path, None, "--kinds.maybe", cls=KindsOnly).kinds.maybe is True
+    assert (
+        parse(tmp_path, "kinds: {maybe: true}\n", "--kinds.maybe", "null", cls=KindsOnly).kinds.maybe is None
+    )
+
+
+@pytest.mark.parametrize("flag", ["--no-keep_order", "--no-keep-order", "--no_keep_order", "--no-in-order"])
+def test_no_key_sets_a_bool_key_false(tmp_path, flag):
+    config = parse(
+        tmp_path, None, "a", flag, "b", cls=Tool, aliases={"in-order": "keep_order"}, positional="inputs"
+    )
+    assert config.keep_order is False and config.inputs == ["a", "b"]
+
+
+def test_no_key_is_only_for_bool_keys(tmp_path):
+    assert parse(tmp_path, None, "--no-kinds.flag", cls=KindsOnly).kinds.flag is False
+    assert "unknown option --no-workers" in error(tmp_path, None, "--no-workers", "2", cls=Tool)
+    assert "unknown option --no-strict (did you mean 'strict'?)" in error(
+        tmp_path, None, "--no-strict=true", cls=Tool
+    )
+
+
+def test_a_positional_field_that_is_not_a_list_takes_one_argument(tmp_path):
+    aliases = {"cache-dir": "cache_dir"}
+    config = parse(
+        tmp_path, None, "demo", "--cache-dir", "c", cls=OneFolder, aliases=aliases, positional="out_dir"
+    )
+    assert config == OneFolder(out_dir="demo", cache_dir="c")
+    assert parse(tmp_path, None, "--out_dir", "demo", cls=OneFolder, positional="out_dir").out_dir == "demo"
+    message = error(
+        tmp_path, None, "a", "--cache-dir", "c", "b", cls=OneFolder, aliases=aliases, positional="out_dir"
+    )
+    assert message == "'out_dir' takes one value (one argument without --), got ['a', 'b']"
+    assert error(tmp_path, None, "--out_dir", "a", "b", cls=OneFolder, positional="out_dir") == message
+
+
+def test_help_describes_the_layers_and_flags_that_the_class_has(capsys):
+    from pretrain_llama import PretrainConfig
+
+    def help_text(cls: type, **kwargs: Any) -> str:
+        with pytest.raises(SystemExit):
+            parse_config(cls, ["--help"], **kwargs)
+        return " ".join(capsys.readouterr().out.split())
+
+    text = help_text(Tool, positional="inputs")
+    assert "Values: the dataclass defaults < the --config file < --key VALUE (or --key=VALUE)." in text
+    assert "preset" not in text and "section" not in text and "[INPUTS ...]" in text
+    assert "A yes/no key alone is true (--strict), --no-KEY is false (--no-strict)." in text
+    text = help_text(OneFolder, positional="out_dir")
+    assert "[--key VALUE ...] OUT_DIR" in text and "yes/no" not in text
+    text = help_text(PretrainConfig)
+    assert "the dataclass defaults < a section's preset < the --config file < --section.key VALUE" in text
+    text = help_text(KindsOnly)
+    assert "the dataclass defaults < the --config file < --section.key VALUE" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choices and ranges, declared on the fields and checked by jsonargparse
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "type_name"),
+    [
+        ("optim.lr", "-1", "PositiveFloat"),
+        ("train.grad_accum_steps", "0", "PositiveInt"),
+        ("train.max_steps", "-5", "PositiveInt"),
+        ("optim.warmup_steps", "-3", "NonNegativeInt"),
+        ("optim.weight_decay", "-1", "NonNegativeFloat"),
+        ("optim.beta2", "1", "float_ge0_and_lt1"),
+        ("data.batch_size", "0", "PositiveInt"),
+        ("data.validation_fraction", "1.0", "float_ge0_and_lt1"),
+        ("model.n_layers", "0", "PositiveInt"),
+        ("train.precision", "fp8", "Literal['fp32', 'bf16', 'fp16', 'auto']"),
+        ("train.fused_cross_entropy", "fast", "Literal['auto', 'none', 'chunked', 'liger']"),
+        ("train.attention_backend", "flash", "Literal['sdpa', 'eager', 'flex', 'xformers', 'flash_attn']"),
+    ],
+)
+def test_a_value_out_of_range_or_not_a_choice_names_the_key(tmp_path, key, value, type_name):
+    from pretrain_llama import PretrainConfig
+
+    message = error(tmp_path, None, "--model.preset", "tiny", f"--{key}", value, cls=PretrainConfig)
+    assert message == f"command line (--{key}): '{key}' must be {type_name}, got '{value}'"
+    section, name = key.split(".")
+    message = error(tmp_path, f"{section}: {{{name}: {value}}}\n", cls=PretrainConfig)
+    assert message.startswith(f"{tmp_path / 'run.yaml'}: '{key}' must be {type_name}, got ")
+
+
+def test_range_types_are_plain_numbers_in_the_config(tmp_path):
+    config = parse(tmp_path, "train: {max_steps: 7}\n", "--optim.lr", "0.5")
+    assert type(config.train.max_steps) is int and type(config.optim.lr) is float  # YAML can write them
+    save_config(config, tmp_path / "saved.yaml")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,11 +493,24 @@ def test_help_lists_every_key_with_its_type_default_and_documentation(capsys):
     flat = "".join(text.split())  # help wraps lines (at hyphens too)
     assert text.startswith("usage: pretrain_llama.py") and "--resumeisshortfor--train.resume" in flat
     for name, section in typing.get_type_hints(PretrainConfig).items():
+        if not dataclasses.is_dataclass(section):
+            assert f"--{name} " in text
+            continue
         for field in dataclasses.fields(section):
             assert f"--{name}.{field.name} " in text or f"--{name}.{field.name}\n" in text
+    assert "--model CONFIG" not in text  # jsonargparse's section-from-a-file option: not a key of ours
     for key, doc, type_and_default in [
-        ("--train.max_steps", "Optimizer steps to train for.", "(type: int, default: 1000)"),
-        ("--optim.lr", "Peak learning rate, reached at the end of warmup.", "(type: float, default: 0.0003)"),
+        ("--train.max_steps", "Optimizer steps to train for.", "(type: PositiveInt, default: 1000)"),
+        (
+            "--optim.lr",
+            "Peak learning rate, reached at the end of warmup.",
+            "(type: PositiveFloat, default: 0.0003)",
+        ),
+        (
+            "--train.precision",
+            "fp32, bf16 or fp16",
+            "(type: Literal['fp32', 'bf16', 'fp16', 'auto'], default: bf16)",
+        ),
         ("--model.rope_scaling", "Optional rotary scaling:", "default: null)"),
         (
             "--data.mixture",
@@ -349,29 +538,24 @@ def test_the_saved_config_loads_back_equal(tmp_path):
 
 @dataclasses.dataclass
 class FineTune:
-    """A run whose model comes from elsewhere unless a model section is given."""
+    """A run that starts from a model, whose model section is filled in from it."""
 
     init: str = ""
     """Where the model comes from."""
-    model: ModelConfig | None = None
-    """Optional: a new model of this shape."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """The model's shape; the keys given must describe --init."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
 
-def test_an_optional_section_is_none_unless_one_of_its_keys_is_given(tmp_path, capsys):
-    assert parse(tmp_path, "init: some/model\noptim: {lr: 1e-5}\n", cls=FineTune).model is None
-    from_file = parse(tmp_path, "model: {preset: tiny, dim: 128}\n", "--model.n_layers", "2", cls=FineTune)
-    assert (from_file.model.dim, from_file.model.n_layers, from_file.model.n_heads) == (128, 2, 4)
-    assert from_file.model.intermediate_size == llama_intermediate_size(128)  # derived from the final values
-    assert parse(tmp_path, None, "--model.preset", "tiny", cls=FineTune).model == ModelConfig.from_preset(
-        "tiny"
-    )
-    assert error(tmp_path, None, "--model.dimm", "3", cls=FineTune).startswith(
-        "unknown option --model.dimm (did you mean 'dim'?)"
-    )
-    assert "must be int, got 'x'" in error(tmp_path, "model: {dim: x}\n", cls=FineTune)
-    save_config(from_file, tmp_path / "saved.yaml")
-    assert load_config(FineTune, tmp_path / "saved.yaml") == from_file
-    with pytest.raises(SystemExit):
-        parse(tmp_path, None, "--help", cls=FineTune)
-    assert "Optional section 'model'" in capsys.readouterr().out
+def test_given_keys_name_what_the_file_the_command_line_and_a_preset_set(tmp_path):
+    config = parse(tmp_path, "init: some/model\noptim: {lr: 1e-5}\n", cls=FineTune)
+    assert given_keys(config) == {"init", "optim.lr"} and config.model == ModelConfig()
+    config = parse(tmp_path, "model: {preset: tiny, dim: 128}\n", "--model.n_layers", "2", cls=FineTune)
+    assert (config.model.dim, config.model.n_layers, config.model.n_heads) == (128, 2, 4)
+    assert config.model.intermediate_size == llama_intermediate_size(128)  # derived from the final values
+    preset = {f"model.{key}" for key in ModelConfig.preset_fields("tiny")}
+    assert given_keys(config) == {"model.preset", "model.dim", "model.n_layers", *preset}
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(FineTune, tmp_path / "saved.yaml") == config
+    assert given_keys(load_config(FineTune, tmp_path / "saved.yaml")) == set()  # only a parse records them
+    assert given_keys(FineTune()) == set()

@@ -12,8 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, _fields, _section_class, config_reference_markdown
-from common.config_reference import COMMAND, DOCS, blocks, diff, load_class, refresh, stale
+from common.config import ConfigError
+from common.config_reference import (
+    COMMAND,
+    DOCS,
+    blocks,
+    config_fields,
+    config_reference_markdown,
+    diff,
+    load_class,
+    refresh,
+    stale,
+)
 
 # Every stage's run config (and the data previews'): each must have a reference block in some guide.
 # A new stage is one line here and one block in its guide.
@@ -21,10 +31,10 @@ STAGE_CONFIGS = [
     "pretrain_llama.PretrainConfig",
     "dataset.pretrain_dataset.InspectConfig",
     "instruction_tuning.SFTConfig",
-    "dataset.chat_dataset.PreviewConfig",
+    "dataset.chat_preview.PreviewConfig",
     "serve.app.ChatServerConfig",
     "preference_tuning.DPOConfig",
-    "dataset.preference_data.PreviewConfig",
+    "dataset.preference_preview.PreviewConfig",
 ]
 DOCS_WITH_REFERENCES = sorted(path.name for path in DOCS.glob("*.md") if blocks(path.read_text("utf-8")))
 
@@ -47,18 +57,19 @@ def test_every_stage_config_is_documented() -> None:
     for path in DOCS.glob("*.md"):
         for dotted, keys in blocks(path.read_text("utf-8")):
             cls = load_class(dotted)  # an unknown class fails here, naming it
-            shown.setdefault(dotted, set()).update(keys or _fields(cls))
+            shown.setdefault(dotted, set()).update(keys or config_fields(cls))
     shown_sections = {
-        _section_class(_fields(load_class(dotted))[key]) for dotted, keys in shown.items() for key in keys
+        config_fields(load_class(dotted))[key] for dotted, keys in shown.items() for key in keys
     }
     missing = [dotted for dotted in STAGE_CONFIGS if dotted not in shown]
     assert not missing, f"no reference block for {missing}: add one to its guide, then run {COMMAND}"
     for dotted in STAGE_CONFIGS:
-        fields = _fields(load_class(dotted))
+        fields = config_fields(load_class(dotted))
         left_out = [
             key
             for key in fields
-            if key not in shown[dotted] and (_section_class(fields[key]) or object) not in shown_sections
+            if key not in shown[dotted]
+            and not (dataclasses.is_dataclass(fields[key]) and fields[key] in shown_sections)
         ]
         assert not left_out, f"{dotted}: {left_out} appear in no reference block"
 
@@ -100,7 +111,7 @@ class RunConfig:
     """How the loop runs."""
     name: str = ""
     """The run's name."""
-    shape: Shape | None = None
+    shape: Shape = dataclasses.field(default_factory=Shape)
     """A new model's shape."""
 
 
@@ -114,7 +125,7 @@ def test_reference_lists_keys_with_type_default_and_docstring() -> None:
     assert '| `loop.out` | `str` | `"runs/y"` | Output folder. |' in lines  # the run config's default factory
     assert "| `loop.steps` | `list[int]` | `[1, 2]` | Steps. |" in lines
     assert "| `loop.scale` | `float \\| None` | `null` |" in text
-    assert f"**`shape`** (`{here}.Shape`, optional: none unless one of its keys is given)" in text
+    assert f"**`shape`** (`{here}.Shape`): A new model's shape." in lines
     assert "| `shape.preset` | `str \\| None` | `null` | The fields of a named preset." in text
     assert "| `shape.width` | `int` | `8` | Width \\| of the thing. |" in lines
     assert "Start with &lt;s&gt; unless `<s>` is in code." in text  # Markdown would read <s> as HTML

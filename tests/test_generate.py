@@ -12,24 +12,16 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from models.generate import generate, process_logits, stream_generate
-from models.llama import Llama, ModelConfig
+from models.generate import generate, process_logits
+from models.llama import Llama
 
 VOCAB = 101
 
 
 @pytest.fixture(scope="module")
-def model() -> Llama:
+def model(tiny_model_config) -> Llama:
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=VOCAB,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        stable_embedding=True,
-        tie_embeddings=True,
-    )
+    config = tiny_model_config(vocab_size=VOCAB, stable_embedding=True, tie_embeddings=True)
     return Llama(config).eval()
 
 
@@ -46,7 +38,6 @@ def test_cached_greedy_equals_uncached_greedy(model):
     prompt = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(2)).tolist()
     want = uncached_greedy(model, prompt, 30)
     assert generate(model, prompt, max_new_tokens=30) == want
-    assert list(stream_generate(model, prompt, max_new_tokens=30)) == want
 
 
 def test_left_padded_batch_equals_prompts_alone(model):
@@ -65,7 +56,6 @@ def test_stop_tokens_end_generation_and_are_not_returned(model):
     stop = free[4]
     first = free.index(stop)
     assert generate(model, prompt, max_new_tokens=20, stop_token_ids=[stop]) == free[:first]
-    assert list(stream_generate(model, prompt, max_new_tokens=20, stop_token_ids={stop})) == free[:first]
 
 
 def test_sampling_is_reproducible_with_a_seed_and_varies_without(model):
@@ -106,5 +96,3 @@ def test_bad_inputs_are_clear_errors(model):
         generate(model, [], max_new_tokens=3)
     with pytest.raises(ValueError, match="left padding"):
         generate(model, torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 0]]))
-    with pytest.raises(ValueError, match="one prompt"):
-        list(stream_generate(model, torch.ones(2, 4, dtype=torch.long), max_new_tokens=2))

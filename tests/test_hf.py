@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from models.hf import export_hf, load_hf
-from models.llama import Llama, ModelConfig
+from models.llama import Llama
 
 VOCAB = 157
 
@@ -109,17 +109,9 @@ def test_import_errors_name_the_file(tmp_path):
     [(False, False), (False, True), (True, False), (True, True)],
     ids=["plain", "tied", "stable", "stable+tied"],
 )
-def test_export_loads_in_stock_transformers_with_same_logits(tmp_path, stable, tie):
+def test_export_loads_in_stock_transformers_with_same_logits(tiny_model_config, tmp_path, stable, tie):
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=VOCAB,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        stable_embedding=stable,
-        tie_embeddings=tie,
-    )
+    config = tiny_model_config(vocab_size=VOCAB, stable_embedding=stable, tie_embeddings=tie)
     ours = Llama(config).eval()
     if stable:  # a trained LayerNorm is not the identity: make the fold do real work
         with torch.no_grad():
@@ -150,12 +142,12 @@ def test_export_loads_in_stock_transformers_with_same_logits(tmp_path, stable, t
     assert (back.lm_head.weight is back.model.embed_tokens.weight) == tie
 
 
-def test_export_with_llama3_rope_round_trips_through_transformers(tmp_path):
+def test_export_with_llama3_rope_round_trips_through_transformers(tiny_model_config, tmp_path):
     torch.manual_seed(0)
     rope = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     rope["original_max_position_embeddings"] = 16
     ours = Llama(
-        ModelConfig(vocab_size=VOCAB, dim=64, n_layers=1, n_heads=4, rope_theta=50000.0, rope_scaling=rope)
+        tiny_model_config(vocab_size=VOCAB, n_layers=1, n_kv_heads=4, rope_theta=50000.0, rope_scaling=rope)
     )
     hf = AutoModelForCausalLM.from_pretrained(export_hf(ours, tmp_path / "export")).eval()
     x = ids(1, 60)
@@ -163,9 +155,9 @@ def test_export_with_llama3_rope_round_trips_through_transformers(tmp_path):
         assert (ours(x).logits - hf(x).logits).abs().max() <= 1e-4
 
 
-def test_export_sharded_and_bf16(tmp_path):
+def test_export_sharded_and_bf16(tiny_model_config, tmp_path):
     torch.manual_seed(0)
-    ours = Llama(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, tie_embeddings=True))
+    ours = Llama(tiny_model_config(vocab_size=VOCAB, n_kv_heads=4, tie_embeddings=True))
     out = export_hf(ours, tmp_path / "export", dtype=torch.bfloat16, max_shard_bytes=50_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -179,17 +171,17 @@ def test_export_sharded_and_bf16(tmp_path):
         assert (ours(x).logits - back(x).logits).abs().max() <= 5e-2
 
 
-def test_export_permissions_follow_the_umask(tmp_path):
+def test_export_permissions_follow_the_umask(tiny_model_config, tmp_path):
     old = os.umask(0o022)
     try:
-        out = export_hf(Llama(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=1, n_heads=4)), tmp_path / "hf")
+        out = export_hf(Llama(tiny_model_config(vocab_size=VOCAB, n_layers=1, n_kv_heads=4)), tmp_path / "hf")
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's 0700: other users can read the export
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
 
 
-def test_export_copies_tokenizer_and_special_ids(tmp_path):
+def test_export_copies_tokenizer_and_special_ids(tiny_model_config, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -200,7 +192,7 @@ def test_export_copies_tokenizer_and_special_ids(tmp_path):
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     tok.save_pretrained(tmp_path / "tok")
-    ours = Llama(ModelConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2))
+    ours = Llama(tiny_model_config(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2))
     out = export_hf(ours, tmp_path / "export", tokenizer_dir=tmp_path / "tok")
     config = json.loads((out / "config.json").read_text())
     generation = json.loads((out / "generation_config.json").read_text())

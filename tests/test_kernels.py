@@ -29,14 +29,9 @@ from models.kernels import (
     liger_unavailable_reason,
     select_kernels,
 )
-from models.llama import (
-    REFERENCE_KERNELS,
-    Llama,
-    ModelConfig,
-    RunOptions,
-    linear_cross_entropy,
-    shift_labels,
-)
+from models.llama import REFERENCE_KERNELS, Llama, ModelConfig, RunOptions
+from models.lm_head import linear_cross_entropy, shift_labels
+from tests.helpers.model import tiny_model_config
 from training.config import OptimConfig
 from training.optim import build_optimizer
 
@@ -45,8 +40,8 @@ LIGER_SKIP = liger_unavailable_reason()
 
 
 def tiny(**overrides) -> ModelConfig:
-    base = dict(vocab_size=211, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    return ModelConfig(**{**base, "stable_embedding": True, "tie_embeddings": True, **overrides})
+    """The tiny shape with every embedding option on, so each kernel meets the layers it fuses."""
+    return tiny_model_config(max_seq_len=64, stable_embedding=True, tie_embeddings=True, **overrides)
 
 
 def twin(config: ModelConfig, options: RunOptions | None = None, **switches) -> tuple[Llama, Llama]:
@@ -265,8 +260,17 @@ def test_fast_kernels_run_only_on_cuda_tensors():
 
 
 def test_unknown_cross_entropy_is_a_config_error():
-    with pytest.raises(ValueError, match="fused_cross_entropy must be one of"):
-        RunOptions(fused_cross_entropy="fast")
+    from common.config import ConfigError, parse_config
+    from training.config import TrainConfig
+
+    run = dataclasses.make_dataclass(
+        "Run", [("train", TrainConfig, dataclasses.field(default_factory=TrainConfig))]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"'train.fused_cross_entropy' must be Literal\['auto', 'none', 'chunked', 'liger'\]",
+    ):
+        parse_config(run, ["--train.fused_cross_entropy", "fast"])
 
 
 def test_run_options_are_not_part_of_the_model_config():

@@ -1,9 +1,10 @@
 """Imports run one way: common/ -> data/ -> dataset/ -> models/ and training/ -> serve/ and the stage scripts.
 
 Every import statement of every module (function-level ones included) is read with `ast` and checked
-against the layer order of DESIGN.md: a package imports only the layers below it, models/ nothing of the
-data side or the loop, and nothing in a package or a stage script imports a stage script. bench/ and
-tests/ drive the stage scripts, so they may import them.
+against the layer order written in docs/architecture.md ("Layers"): a package imports only the layers below
+it, models/ nothing of the data side or the loop, and nothing in a package or a stage script imports a
+stage script. bench/ and tests/ drive the stage scripts, so they may import them. Within tests/, no test
+module imports another: shared fixtures are in tests/conftest.py, shared helpers in tests/helpers/.
 """
 
 from __future__ import annotations
@@ -87,3 +88,28 @@ def test_the_check_catches_an_import_against_the_order(tmp_path, monkeypatch, wh
     fake.write_text(source)
     monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
     assert any(expected in v for v in violations(fake)), violations(fake)
+
+
+def test_no_test_module_imports_another_test_module():
+    tests = REPO / "tests"
+    test_modules = {p.stem for p in tests.glob("test_*.py")} | {"conftest"}
+    bad = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                if name.removeprefix("tests.").split(".")[0] in test_modules:
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+        # Scripts that tests run in a subprocess are strings in the test modules; they import by name too.
+        for line_number, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            if stripped.startswith(("from tests.test_", "import tests.test_", "from tests.conftest")):
+                bad.append(f"{path.relative_to(REPO)}:{line_number} (a driver script) {stripped}")
+    assert not bad, "import fixtures from tests/conftest.py and helpers from tests/helpers/:\n" + "\n".join(
+        bad
+    )

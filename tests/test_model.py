@@ -13,11 +13,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from models.llama import Llama, ModelConfig, RunOptions, llama_intermediate_size
 
 
-def tiny_config(**overrides) -> ModelConfig:
-    base = {"vocab_size": 211, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128}
-    return ModelConfig(**{**base, **overrides})
-
-
 def hf_twin(model: Llama) -> LlamaForCausalLM:
     """transformers' LlamaForCausalLM with the same shape and weights (for models without stable embedding)."""
     c = model.config
@@ -74,8 +69,8 @@ def test_config_round_trips_and_rejects_unknown_keys():
         ModelConfig.from_preset("13b")
 
 
-def test_num_parameters_and_flops_per_token_closed_form():
-    c = tiny_config(tie_embeddings=True)
+def test_num_parameters_and_flops_per_token_closed_form(tiny_model_config):
+    c = tiny_model_config(tie_embeddings=True)
     model = Llama(c)
     per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * c.intermediate_size + 2 * 64
     assert model.num_parameters() == 211 * 64 + c.n_layers * per_layer + 64
@@ -84,9 +79,9 @@ def test_num_parameters_and_flops_per_token_closed_form():
     assert model.flops_per_token(100) == 6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * 100
 
 
-def test_initialisation_scales():
+def test_initialisation_scales(tiny_model_config):
     torch.manual_seed(0)
-    c = tiny_config(
+    c = tiny_model_config(
         dim=256, n_layers=8, n_heads=4, vocab_size=4000, stable_embedding=True, tie_embeddings=True
     )
     model = Llama(c)
@@ -100,9 +95,9 @@ def test_initialisation_scales():
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_logits_and_loss_match_transformers(tie):
+def test_logits_and_loss_match_transformers(tiny_model_config, tie):
     torch.manual_seed(0)
-    model = Llama(tiny_config(tie_embeddings=tie)).eval()
+    model = Llama(tiny_model_config(tie_embeddings=tie)).eval()
     hf = hf_twin(model)
     ids = torch.randint(0, 211, (3, 33))
     labels = ids.clone()
@@ -118,9 +113,9 @@ def test_logits_and_loss_match_transformers(tie):
     assert ours.loss.item() == pytest.approx(manual.item(), abs=1e-6)
 
 
-def test_gradients_match_transformers():
+def test_gradients_match_transformers(tiny_model_config):
     torch.manual_seed(1)
-    model = Llama(tiny_config()).train()
+    model = Llama(tiny_model_config()).train()
     hf = hf_twin(model).train()
     ids = torch.randint(0, 211, (2, 24))
     model(ids, labels=ids).loss.backward()
@@ -130,11 +125,11 @@ def test_gradients_match_transformers():
         assert torch.allclose(p.grad, hf_params[name].grad, atol=1e-5), name
 
 
-def test_default_loss_is_chunked_in_training_and_full_logits_in_eval():
+def test_default_loss_is_chunked_in_training_and_full_logits_in_eval(tiny_model_config):
     """fused_cross_entropy "auto": a training-mode call with labels skips the (tokens x vocab) logits, with
     the loss and gradients of transformers' full-logits path (tied head: both gradients meet in one matrix)."""
     torch.manual_seed(2)
-    model = Llama(tiny_config(tie_embeddings=True))
+    model = Llama(tiny_model_config(tie_embeddings=True))
     assert model.options.fused_cross_entropy == "auto"
     hf = hf_twin(model).train()
     ids = torch.randint(0, 211, (2, 24))
@@ -155,18 +150,50 @@ def test_default_loss_is_chunked_in_training_and_full_logits_in_eval():
     assert evaluated.loss.item() == pytest.approx(want.item(), abs=1e-5)
 
 
-def test_stable_embedding_normalises_embedding_rows():
+@pytest.mark.parametrize("training", [False, True])
+def test_every_use_of_the_lm_head_weight_is_inside_its_module_call(tiny_model_config, training):
+    """What DeepSpeed ZeRO-3 relies on: it gathers a module's weight in a forward pre-hook and frees it after
+    the call. Hooks doing the same here (an empty weight outside the call) change no output of any kind."""
+    torch.manual_seed(3)
+    model = Llama(tiny_model_config()).train(training)
+    ids = torch.randint(0, 211, (2, 16))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    calls = {
+        "logits": lambda: [model(ids).logits],
+        "loss": lambda: [model(ids, labels=labels).loss],
+        "accuracy": lambda: list(vars(model(ids, labels=labels, return_token_accuracy=True)).values()),
+        "logprobs": lambda: [model(ids, labels=labels, return_token_logprobs=True).token_logprobs],
+    }
+    with torch.no_grad():
+        want = {name: call() for name, call in calls.items()}
+    head = model.lm_head
+    gathered = head.weight
+    head.register_forward_pre_hook(lambda module, args: setattr(module, "weight", gathered))
+    head.register_forward_hook(
+        lambda module, args, out: setattr(module, "weight", torch.nn.Parameter(torch.empty(0)))
+    )
+    head.weight = torch.nn.Parameter(torch.empty(0))
+    with torch.no_grad():
+        for name, call in calls.items():
+            for got, expected in zip(call(), want[name], strict=True):
+                assert (got is None and expected is None) or torch.equal(got, expected), name
+    assert head.weight.numel() == 0
+
+
+def test_stable_embedding_normalises_embedding_rows(tiny_model_config):
     torch.manual_seed(0)
-    model = Llama(tiny_config(stable_embedding=True))
+    model = Llama(tiny_model_config(stable_embedding=True))
     x = model.embed(torch.arange(10)[None])
     assert x.mean(-1).abs().max() < 1e-5 and (x.var(-1, unbiased=False) - 1).abs().max() < 1e-2
 
 
-def test_activation_checkpointing_gives_identical_gradients():
+def test_activation_checkpointing_gives_identical_gradients(tiny_model_config):
     torch.manual_seed(0)
-    plain = Llama(tiny_config(stable_embedding=True, tie_embeddings=True)).train()
+    plain = Llama(tiny_model_config(stable_embedding=True, tie_embeddings=True)).train()
     ckpt = Llama(
-        tiny_config(stable_embedding=True, tie_embeddings=True), RunOptions(activation_checkpointing=True)
+        tiny_model_config(stable_embedding=True, tie_embeddings=True),
+        RunOptions(activation_checkpointing=True),
     ).train()
     ckpt.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 211, (2, 32))
@@ -182,9 +209,9 @@ def test_activation_checkpointing_gives_identical_gradients():
 
 
 @pytest.mark.slow  # compiling forward + backward takes ~40 s on 2 cores
-def test_works_under_torch_compile():
+def test_works_under_torch_compile(tiny_model_config):
     torch.manual_seed(0)
-    model = Llama(tiny_config(stable_embedding=True, tie_embeddings=True))
+    model = Llama(tiny_model_config(stable_embedding=True, tie_embeddings=True))
     compiled = torch.compile(model)
     ids = torch.randint(0, 211, (2, 16))
     loss = compiled(ids, labels=ids).loss

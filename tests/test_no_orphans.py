@@ -19,7 +19,7 @@ import yaml
 
 from common.processes import kill_with_parent
 from dataset.train_tokenizer import train_tokenizer
-from tests.test_pretrain_dataset import generated_corpus
+from tests.helpers.shards import generated_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_WITHIN_S = 10.0

@@ -22,20 +22,20 @@ import yaml
 
 from common import IGNORE_INDEX
 from dataset.chat_template import render_chat
-from dataset.preference_data import (
+from dataset.preference_pairs import PairsConfig, build_pairs
+from dataset.preference_prepare import (
     PreferenceDataConfig,
-    build_preference_loaders,
     encode_pairs,
     fit_pair,
     format_report,
     prepare_preference_data,
     to_pair,
 )
-from dataset.preference_pairs import PairsConfig, build_pairs
+from dataset.preference_stream import build_preference_loaders
 from dataset.tokenizer import Tokenizer
 from models.hf import export_hf, load_hf
 from models.llama import Llama, ModelConfig
-from tests.test_chat_template import tok, tokdir, train_chat_tokenizer  # noqa: F401 - tok, tokdir: fixtures
+from tests.helpers.chat import train_chat_tokenizer
 from training.lora import LoraConfig, add_lora
 from training.preference import (
     PairLogps,
@@ -119,12 +119,19 @@ def test_each_loss_equals_its_closed_form_and_its_gradient_favours_the_chosen_an
 
 
 def test_loss_config_refuses_what_makes_no_sense():
-    with pytest.raises(ValueError, match="loss type"):
-        PreferenceLossConfig(type="kto")
+    import dataclasses
+
+    from common.config import ConfigError, parse_config
+
+    run = dataclasses.make_dataclass(
+        "Run", [("loss", PreferenceLossConfig, dataclasses.field(default_factory=PreferenceLossConfig))]
+    )
+    with pytest.raises(ConfigError, match=r"'loss.type' must be Literal\['dpo', 'cdpo', 'ipo', 'simpo'\]"):
+        parse_config(run, ["--loss.type", "kto"])
     with pytest.raises(ValueError, match="label_smoothing"):
         PreferenceLossConfig(type="cdpo", label_smoothing=0.0)
-    with pytest.raises(ValueError, match="beta"):
-        PreferenceLossConfig(beta=0)
+    with pytest.raises(ConfigError, match=r"'loss\.beta' must be PositiveFloat, got '0'"):
+        parse_config(run, ["--loss.beta", "0"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,7 +146,7 @@ MULTI_TURN = [
 ]
 
 
-def test_the_answer_only_mask_token_by_token_for_a_multi_turn_prompt(tok):  # noqa: F811
+def test_the_answer_only_mask_token_by_token_for_a_multi_turn_prompt(tok):
     pair = to_pair({"prompt": MULTI_TURN, "chosen": "Six.", "rejected": "Seven, I think."})
     ((prompt, chosen, rejected),) = encode_pairs(tok, [pair])
     fitted = fit_pair(prompt, chosen, rejected, 256)
@@ -163,7 +170,7 @@ def test_the_answer_only_mask_token_by_token_for_a_multi_turn_prompt(tok):  # no
     assert line["pair"] == 7 and split == len(fitted.chosen)
 
 
-def test_string_chat_and_implicit_prompt_forms_give_the_same_ids(tok):  # noqa: F811
+def test_string_chat_and_implicit_prompt_forms_give_the_same_ids(tok):
     user = {"role": "user", "content": "Hi there"}
     forms = [
         {"prompt": "Hi there", "chosen": "Hello!", "rejected": "Go away."},
@@ -205,7 +212,7 @@ def test_bad_records_say_what_is_wrong(record, kind, message):
     assert caught.value.kind == kind
 
 
-def test_truncation_drops_oldest_turns_then_cuts_answers_then_the_pair(tok):  # noqa: F811
+def test_truncation_drops_oldest_turns_then_cuts_answers_then_the_pair(tok):
     long_turns = []
     for i in range(6):
         long_turns += [
@@ -250,7 +257,7 @@ def good_pairs(n: int) -> list[dict]:
     ]
 
 
-def test_the_report_counts_every_dropped_pair_with_where_and_why(tok, tokdir, tmp_path):  # noqa: F811
+def test_the_report_counts_every_dropped_pair_with_where_and_why(tok, tokdir, tmp_path):
     path = write_jsonl(
         tmp_path / "pairs.jsonl",
         [
@@ -297,7 +304,7 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Llama:
 
 
 @pytest.fixture(scope="module")
-def prepared_pairs(tok, tokdir, tmp_path_factory):  # noqa: F811
+def prepared_pairs(tok, tokdir, tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
     path = write_jsonl(root / "pairs.jsonl", good_pairs(24))
     config = PreferenceDataConfig(
@@ -307,7 +314,7 @@ def prepared_pairs(tok, tokdir, tmp_path_factory):  # noqa: F811
     return config, prepared
 
 
-def first_batch(config, prepared, tok, **overrides):  # noqa: F811
+def first_batch(config, prepared, tok, **overrides):
     import dataclasses
 
     train, held_out = build_preference_loaders(dataclasses.replace(config, **overrides), prepared, tok.pad_id)
@@ -339,7 +346,7 @@ def separate_sums(model: Llama, batch: dict) -> list[tuple[float, float]]:
     return sums
 
 
-def test_a_packed_batch_sums_each_answer_as_if_alone(prepared_pairs, tok):  # noqa: F811
+def test_a_packed_batch_sums_each_answer_as_if_alone(prepared_pairs, tok):
     config, prepared = prepared_pairs
     model = tiny_model(tok.vocab_size)
     for packing in ("best_fit", "pad"):
@@ -354,7 +361,7 @@ def test_a_packed_batch_sums_each_answer_as_if_alone(prepared_pairs, tok):  # no
         assert (got.chosen_tokens > 0).all() and (got.rejected_tokens > 0).all()
 
 
-def test_lora_and_cached_references_equal_a_frozen_copy(prepared_pairs, tok):  # noqa: F811
+def test_lora_and_cached_references_equal_a_frozen_copy(prepared_pairs, tok):
     config, prepared = prepared_pairs
     model = tiny_model(tok.vocab_size)
     batch = first_batch(config, prepared, tok)
@@ -390,7 +397,7 @@ def test_lora_and_cached_references_equal_a_frozen_copy(prepared_pairs, tok):  #
     assert torch.allclose(cached.rejected, from_copy.rejected, atol=1e-4)
 
 
-def test_step_zero_is_ln2_with_zero_rewards_and_a_different_reference_is_refused(prepared_pairs, tok):  # noqa: F811
+def test_step_zero_is_ln2_with_zero_rewards_and_a_different_reference_is_refused(prepared_pairs, tok):
     config, prepared = prepared_pairs
     model = tiny_model(tok.vocab_size).train()  # as the loop runs it
     batch = first_batch(config, prepared, tok)

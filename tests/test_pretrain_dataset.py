@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import threading
 from pathlib import Path
 
@@ -33,29 +32,7 @@ from dataset.pretrain_dataset import (
 from dataset.tokenizer import Tokenizer
 from dataset.train_tokenizer import train_tokenizer
 from dataset.worker_pool import WorkerDiedError, WorkerPool
-
-WORDS = ["the", "river", "light", "stone", "garden", "window", "quiet", "market", "winter", "paper", "orange"]
-CJK = "山水风月花鸟云雨春秋江河天地人心"
-
-
-def write_shard(path: Path, texts: list[str], source: str) -> None:
-    lines = b"".join(orjson.dumps({"text": t, "meta": {"source": source}}) + b"\n" for t in texts)
-    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(lines))
-
-
-def generated_corpus(root: Path) -> dict[str, list[Path]]:
-    """Two unequal sources: 'alpha' (many short English documents), 'beta' (few long Chinese ones)."""
-    rng = random.Random(0)
-    root.mkdir(parents=True, exist_ok=True)
-    shards: dict[str, list[Path]] = {"alpha": [], "beta": []}
-    for s in range(3):
-        alpha = [f"alpha {s}-{i}: " + " ".join(rng.choices(WORDS, k=rng.randint(3, 25))) for i in range(70)]
-        beta = [f"beta {s}-{i}: " + "".join(rng.choices(CJK, k=rng.randint(60, 240))) for i in range(12)]
-        for source, texts in (("alpha", alpha), ("beta", beta)):
-            path = root / f"part-{source}-{s:05d}-00000.jsonl.zst"
-            write_shard(path, texts, source)
-            shards[source].append(path)
-    return shards
+from tests.helpers.shards import first_epoch_documents, generated_corpus, split_documents
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +62,6 @@ def make_config(corpus, **overrides) -> PretrainDataConfig:
 def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
     it = iter(loader)
     return [next(it) for _ in range(n)]
-
-
-def split_documents(tokens: list[int], eos_id: int) -> list[tuple[int, ...]]:
-    """Complete documents (ending in </s>) of a concatenated token stream."""
-    docs, start = [], 0
-    for i, t in enumerate(tokens):
-        if t == eos_id:
-            docs.append(tuple(tokens[start : i + 1]))
-            start = i + 1
-    return docs
 
 
 def reference_documents(tokenizer: Tokenizer, paths, *, bos: bool = True) -> list[list[int]]:
@@ -227,23 +194,6 @@ def test_no_position_ids_without_document_masking(corpus, tokenizer):
 
 # --------------------------------------------------------------------------------------------------
 # Rank and worker split
-
-
-def first_epoch_documents(loader, eos_id: int, max_batches: int = 400) -> list[tuple[int, ...]]:
-    """The rank's documents up to the first one seen again (= its first epoch)."""
-    tokens: list[int] = []
-    it = iter(loader)
-    for _ in range(max_batches):
-        tokens += next(it)["input_ids"].flatten().tolist()
-        docs = split_documents(tokens, eos_id)
-        if len(set(docs)) < len(docs):
-            seen, first = set(), []
-            for d in docs:
-                if d in seen:
-                    return first
-                seen.add(d)
-                first.append(d)
-    raise AssertionError("no document repeated: the epoch did not end")
 
 
 @pytest.mark.parametrize(("world_size", "num_workers"), [(2, 2), (4, 0)])
@@ -534,7 +484,8 @@ def test_cli_reads_the_data_section_of_a_run_config(corpus, tokenizer, tmp_path,
         and "padding, labels -100" in printed
     )
     assert pd.main(["--config", str(config), "--data.seq_len", "0"]) == 2
-    assert "seq_len must be >= 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(--data.seq_len): 'data.seq_len' must be PositiveInt, got '0'" in err
     assert pd.main(["--config", str(config), "--seq-len", "8"]) == 2  # the old flags are gone
     assert "unknown option --seq-len" in capsys.readouterr().err
     config.write_text("data:\n  shardz: []\n")

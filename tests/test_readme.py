@@ -3,10 +3,10 @@
 Each shell command of a ```bash block is checked without running anything heavy:
 
 - `python X.py ...` and `accelerate launch [OPTIONS] X.py ...`: the script exists, every config file it
-  names exists, and its arguments parse with the script's own parser: the script's `main()` runs with those
-  arguments until its parser returns (common.config.parse_config for the stages, which also reads and
-  checks the `--config` YAML against the config class; argparse for the others), then stops. accelerate's
-  own options parse with accelerate's launch parser;
+  names exists, and its arguments parse: the script's `main()` runs with those arguments until
+  common.config.parse_config (every stage and tool parses with it; it also reads and checks the `--config`
+  YAML against the config class) returns, then stops. accelerate's own options parse with accelerate's
+  launch parser;
 - `python -m MODULE`: the module can be found; `python -c CODE`: the code compiles and its imports resolve;
 - `bash data/X.sh ...`: the file exists, `bash -n` accepts it and `--help` answers;
 - `make X`: the Makefile has the target; `pip install -r F`: F exists;
@@ -18,7 +18,6 @@ there; the Python blocks' imports resolve; links to files exist; the annotated f
 
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib
 import importlib.util
@@ -29,7 +28,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jsonargparse
 import pytest
 
 import common.config
@@ -108,24 +106,16 @@ def parse_like_the_script(script: str, args: list[str], monkeypatch: pytest.Monk
     module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     assert hasattr(module, "main"), f"{script} has no main() to parse its arguments"
     real_parse_config = common.config.parse_config
-    real_parse_args = argparse.ArgumentParser.parse_args
 
     def parse_config_then_stop(*a, **k):
         real_parse_config(*a, **k)
         raise Parsed
 
-    def parse_args_then_stop(self, *a, **k):
-        result = real_parse_args(self, *a, **k)
-        if isinstance(
-            self, jsonargparse.ArgumentParser
-        ):  # common.config's own use of it, inside parse_config
-            return result
-        raise Parsed
-
     monkeypatch.setattr(common.config, "parse_config", parse_config_then_stop)
-    if hasattr(module, "parse_config"):  # `from common.config import parse_config` at the top of the script
-        monkeypatch.setattr(module, "parse_config", parse_config_then_stop)
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args_then_stop)
+    # `from common.config import parse_config` at the top of the script, or of the runner a stage script calls
+    for holder in (module, importlib.import_module("training.runner")):
+        if hasattr(holder, "parse_config"):
+            monkeypatch.setattr(holder, "parse_config", parse_config_then_stop)
     monkeypatch.setattr(sys, "argv", [script, *args])
     try:
         code = module.main()
@@ -213,6 +203,35 @@ def test_readme_command(command: str, monkeypatch: pytest.MonkeyPatch, capsys) -
                 assert (REPO / value).is_file(), f"{value} does not exist"
     else:
         assert program in EXTERNAL, f"{program}: a command this test does not know how to check; add a check"
+
+
+TOOLS = {  # each tool and the arguments before its --help
+    "data/shard.py": [],
+    "data/download.py": ["fetch"],
+    "data/demo_corpus.py": [],
+    "dataset/train_tokenizer.py": [],
+    "dataset/preference_pairs.py": [],
+    "dataset/pretrain_dataset.py": [],
+    "chat_server.py": [],
+}
+
+
+@pytest.mark.parametrize("script", TOOLS)
+def test_tools_answer_help_from_any_folder(script: str, tmp_path: Path) -> None:
+    """Run from elsewhere, a tool finds the installed packages (no sys.path edits) and its --help names the
+    aliases it accepts."""
+    helped = subprocess.run(
+        [sys.executable, str(REPO / script), *TOOLS[script], "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert helped.returncode == 0 and "usage:" in helped.stdout, helped.stderr[-2000:]
+    aliases = getattr(importlib.import_module(script.removesuffix(".py").replace("/", ".")), "ALIASES", {})
+    unwrapped = "".join(helped.stdout.split())  # the help is wrapped, also at hyphens
+    missing = [alias for alias in aliases if f"--{alias}isshortfor--{aliases[alias]}" not in unwrapped]
+    assert not missing, helped.stdout
 
 
 def test_readme_names_every_stage_command() -> None:

@@ -27,7 +27,6 @@ import uvicorn
 from serve.api import ServerState
 from serve.app import API_KEY_ENV, ChatServerConfig, ServerConfig, build_app, load, resolve
 from serve.engine import EngineConfig
-from tests.test_serve_engine import build_our_folder
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny-chat"
@@ -70,20 +69,15 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return build_our_folder(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def config(folder) -> ChatServerConfig:
-    server = ServerConfig(model=str(folder), model_name=MODEL)
+def config(our_folder) -> ChatServerConfig:
+    server = ServerConfig(model=str(our_folder), model_name=MODEL)
     return ChatServerConfig(server=server, engine=EngineConfig(slots=4, max_queue=12))
 
 
 @pytest.fixture(scope="module")
-def state(folder, config):
+def state(our_folder, config):
     state = ServerState(model_name=MODEL)
-    load(state, folder, config.engine)
+    load(state, our_folder, config.engine)
     yield state
     state.engine.close()
 
@@ -457,19 +451,19 @@ def test_the_api_key_guards_every_v1_route_but_not_health(state, config):
         live.stop()
 
 
-def test_the_api_key_comes_from_the_environment(folder, monkeypatch):
+def test_the_api_key_comes_from_the_environment(our_folder, monkeypatch):
     monkeypatch.setenv(API_KEY_ENV, "from-env")
-    assert resolve(ChatServerConfig(server=ServerConfig(model=str(folder)))).server.api_key == "from-env"
-    flag = ChatServerConfig(server=ServerConfig(model=str(folder), api_key="from-flag"))
+    assert resolve(ChatServerConfig(server=ServerConfig(model=str(our_folder)))).server.api_key == "from-env"
+    flag = ChatServerConfig(server=ServerConfig(model=str(our_folder), api_key="from-flag"))
     assert resolve(flag).server.api_key == "from-flag"
     monkeypatch.delenv(API_KEY_ENV)
-    assert resolve(ChatServerConfig(server=ServerConfig(model=str(folder)))).server.api_key is None
+    assert resolve(ChatServerConfig(server=ServerConfig(model=str(our_folder)))).server.api_key is None
 
 
 # ---- the entry point --------------------------------------------------------------------------------------
 
 
-def test_chat_server_py_loads_in_the_background_and_listens_on_loopback_only(folder):
+def test_chat_server_py_loads_in_the_background_and_listens_on_loopback_only(our_folder):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(API_KEY_ENV, None)
@@ -478,7 +472,7 @@ def test_chat_server_py_loads_in_the_background_and_listens_on_loopback_only(fol
             sys.executable,
             str(REPO / "chat_server.py"),
             "--model",
-            str(folder),
+            str(our_folder),
             "--port",
             str(port),
             "--slots",

@@ -1,109 +1,31 @@
 """The chat server's engine, prompts and text streaming, without HTTP (tests/test_serve_api.py has the server).
 
-Two model folders are built here: ours (tokenizer trained in the test, model exported with export_hf) and a
-generic Hugging Face Llama folder (a byte-level BPE tokenizer with Llama 3's chat template, saved by
-transformers' own LlamaForCausalLM), so nothing assumes our own formats. References: transformers'
+Two model folders: ours (the `our_folder` fixture: tokenizer trained in the test, model exported with
+export_hf) and a generic Hugging Face Llama folder (a byte-level BPE tokenizer with Llama 3's chat template,
+saved by transformers' own LlamaForCausalLM), so nothing assumes our own formats. References: transformers'
 `generate(do_sample=False)` and `apply_chat_template`.
 """
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from pathlib import Path
 
-import orjson
 import pytest
 import torch
-import zstandard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dataset.chat_template import ROLE_TOKENS
-from dataset.train_tokenizer import train_tokenizer
-from models.hf import export_hf
-from models.llama import KVCache, Llama, ModelConfig
+from models.kv_cache import KVCache
+from models.llama import Llama
 from serve.api import ServerState
 from serve.app import load, stop_token_ids
 from serve.engine import EngineBusy, EngineConfig, EngineError, SamplingParams
 from serve.prompt import PromptBuilder, PromptError
 from serve.text import TextStream
+from tests.helpers.serve import training_texts
 
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "you",
-    "that",
-    "it",
-    "he",
-    "was",
-    "for",
-    "on",
-    "are",
-    "as",
-    "with",
-    "his",
-    "they",
-    "at",
-    "be",
-    "this",
-    "from",
-    "have",
-    "or",
-    "by",
-    "one",
-    "had",
-    "not",
-    "but",
-    "what",
-    "all",
-    "were",
-    "when",
-    "we",
-    "there",
-    "can",
-    "an",
-    "your",
-    "which",
-    "their",
-    "said",
-    "if",
-    "do",
-    "will",
-    "each",
-    "about",
-    "how",
-    "up",
-    "out",
-    "them",
-    "then",
-    "she",
-    "many",
-    "some",
-    "so",
-    "these",
-    "would",
-    "other",
-    "into",
-    "has",
-    "more",
-    "her",
-    "two",
-    "like",
-    "him",
-    "see",
-    "time",
-    "could",
-    "no",
-    "make",
-    "than",
-    "first",
-]
-CHINESE = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小么心多天而"
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}{%- for message in messages %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
@@ -116,43 +38,6 @@ LLAMA3_SPECIALS = [
     "<|end_header_id|>",
     "<|eot_id|>",
 ]
-
-
-def training_texts(n: int = 700) -> list[str]:
-    """English-like sentences and Chinese text; only the first 20 Chinese characters are common enough to get
-    tokens, so the others are byte-fallback pieces (three tokens per character)."""
-    rng = random.Random(0)
-    texts = [" ".join(rng.choices(WORDS, k=rng.randint(5, 40))) + "." for _ in range(n)]
-    return texts + ["".join(rng.choices(CHINESE[:20], k=rng.randint(20, 80))) for _ in range(n // 7)]
-
-
-def make_visible(model: Llama, hidden_ids: list[int]) -> None:
-    """Let a random model never pick `hidden_ids` (control and byte tokens): its replies are readable words
-    and run to max_tokens, which makes the tests' expectations exact."""
-    with torch.no_grad():
-        model.lm_head.weight[hidden_ids] = 0.0
-        model.lm_head.weight.mul_(20.0)  # clear winners: greedy ties are far below float rounding
-
-
-def build_our_folder(root: Path) -> Path:
-    """A tokenizer trained here and a tiny random Llama exported with export_hf (untied head, see make_visible)."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = b"".join(orjson.dumps({"text": t, "meta": {"source": "test"}}) + b"\n" for t in training_texts())
-    (root / "part-test-0.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
-    tokdir = train_tokenizer([str(root / "part-test-0.jsonl.zst")], 400, root / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokdir))
-    torch.manual_seed(0)
-    config = ModelConfig.from_preset(
-        "tiny", vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=False
-    )
-    model = Llama(config)
-    hidden = [
-        i
-        for i, piece in enumerate(tokenizer.convert_ids_to_tokens(range(len(tokenizer))))
-        if piece.startswith("<")
-    ]
-    make_visible(model, hidden)
-    return export_hf(model, root / "model", tokenizer_dir=tokdir)
 
 
 def build_generic_folder(root: Path) -> Path:
@@ -198,11 +83,6 @@ def build_generic_folder(root: Path) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(folder)  # model.safetensors
     return folder
-
-
-@pytest.fixture(scope="module")
-def our_folder(tmp_path_factory) -> Path:
-    return build_our_folder(tmp_path_factory.mktemp("ours"))
 
 
 @pytest.fixture(scope="module")
@@ -354,9 +234,9 @@ def test_stop_strings_are_held_back_and_never_sent(our_folder):
 # ---- the KV cache with rows at different positions ----------------------------------------------------------
 
 
-def test_cache_rows_at_different_positions_decode_like_each_alone():
+def test_cache_rows_at_different_positions_decode_like_each_alone(tiny_model_config):
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)).eval()
+    model = Llama(tiny_model_config(vocab_size=50, dim=32)).eval()
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
     cache = KVCache(model.config, 3, 32)
     with torch.no_grad():

@@ -22,27 +22,18 @@ import torch
 import zstandard
 
 from common import IGNORE_INDEX
-from dataset.chat_data import ChatDataConfig, format_report, prepare_chat_data
-from dataset.chat_dataset import ChatLoader, build_chat_loaders, find_tokenizer
+from dataset.chat_prepare import ChatDataConfig, find_tokenizer, format_report, prepare_chat_data
 from dataset.chat_sources import iter_source, parse_sources, to_messages
+from dataset.chat_stream import ChatLoader, build_chat_loaders
 from dataset.chat_template import render_chat
 from dataset.document_order import Document
 from dataset.packing import BlockPacker, best_fit_decreasing
 from dataset.tokenizer import Tokenizer
-from models.llama import Llama, ModelConfig
-from tests.test_chat_template import WORDS, generated_texts, train_chat_tokenizer
+from models.llama import Llama
+from tests.helpers.chat import WORDS
+from tests.helpers.model import tiny_model_config
 from training.neftune import add_neftune, segment_lengths
 from training.objectives import CausalLMObjective
-
-
-@pytest.fixture(scope="module")
-def tokdir(tmp_path_factory) -> Path:
-    return train_chat_tokenizer(tmp_path_factory.mktemp("sft_tok"), generated_texts(600), 700)
-
-
-@pytest.fixture(scope="module")
-def tok(tokdir) -> Tokenizer:
-    return Tokenizer.load(tokdir)
 
 
 def sentence(rng: random.Random, lo: int, hi: int) -> str:
@@ -204,6 +195,7 @@ def test_the_tokenizer_comes_from_init_when_not_given(tmp_path, tokdir):
     (run / "step-4").mkdir(parents=True)
     (run / "latest").write_text("step-4\n")
     (run / "step-4" / "config.yaml").write_text(f"data:\n  tokenizer: {tokdir}\n")
+    (run / "step-4" / "trainer_state.json").write_text("{}")  # what makes the folder a complete checkpoint
     assert find_tokenizer("", str(run)) == str(tokdir) == find_tokenizer("", str(run / "step-4"))
     with pytest.raises(ValueError, match=r"set data\.tokenizer"):
         find_tokenizer("", str(tmp_path))
@@ -345,7 +337,7 @@ def test_the_held_out_stream_is_the_same_every_time(prepared, tok):
 
 def tiny_model(vocab: int, seed: int = 0) -> Llama:
     torch.manual_seed(seed)
-    return Llama(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256))
+    return Llama(tiny_model_config(vocab_size=vocab, dim=32, max_seq_len=256))
 
 
 def rendered_documents(tok: Tokenizer, conversations) -> list[Document]:
@@ -411,7 +403,7 @@ def test_token_accuracy_without_logits_matches_the_argmax():
 
 def test_neftune_noise_is_scaled_per_conversation_and_only_in_training():
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, stable_embedding=True))
+    model = Llama(tiny_model_config(vocab_size=64, dim=32, n_layers=1, n_kv_heads=4, stable_embedding=True))
     ids = torch.randint(0, 64, (1, 30))
     positions = torch.cat([torch.arange(10), torch.arange(20)])[None]
     assert segment_lengths(positions).tolist() == [[10] * 10 + [20] * 20]
@@ -431,11 +423,11 @@ def test_neftune_noise_is_scaled_per_conversation_and_only_in_training():
 
 LIGER_ACCURACY = """
 import torch
-from tests.conftest import teach_tritons_interpreter_liger
+from tests.helpers.triton_interpreter import teach_tritons_interpreter_liger
 
 teach_tritons_interpreter_liger()
 from models import kernels
-from models.llama import linear_cross_entropy
+from models.lm_head import linear_cross_entropy
 
 torch.manual_seed(0)
 hidden, weight = torch.randn(2, 24, 16), torch.randn(50, 16)

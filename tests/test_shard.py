@@ -22,6 +22,7 @@ import pytest
 import zstandard
 
 from data.shard import DROP_REASONS, LINES_PER_SHARD, shard_inputs
+from data.shard import main as shard_main
 from data.shard_io import ShardError, iter_shard_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -313,6 +314,45 @@ def test_cli_bad_arguments_are_one_line(tmp_path):
         assert result.returncode == 1, (message, result.stderr)
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cli_keys_aliases_and_bad_values(tmp_path, capsys):
+    """The keys (--output_dir), their dash aliases (--output-dir) and the --no-X / bare --strict shorthands
+    give the same job; a bad option is one line naming it, exit status 2, before anything is written."""
+    src = write_jsonl(tmp_path / "a.jsonl", pile_docs(3) + pile_docs(3))  # every document twice
+    keys = [
+        str(src),
+        "--output_dir",
+        str(tmp_path / "keys"),
+        "--lines_per_shard",
+        "2",
+        "--text_field",
+        "text",
+    ]
+    keys += ["--dedup", "false", "--progress", "false", "--strict=true"]
+    aliases = [str(src), "--output-dir", str(tmp_path / "aliases"), "--lines-per-shard", "2", "--text-field"]
+    aliases += ["text", "--no-dedup", "--no-progress", "--strict"]
+    assert shard_main(keys) == shard_main(aliases) == 0
+    assert shard_hashes(tmp_path / "keys") == shard_hashes(tmp_path / "aliases")
+    options = json.loads((tmp_path / "keys" / "manifest.json").read_text())["config"]["options"]
+    assert (options["lines_per_shard"], options["dedup"], options["strict"]) == (2, False, True)
+    assert len(read_docs(tmp_path / "keys")) == 6
+
+    bad = {
+        "format": ["--format", "xml"],
+        "text_unit": ["--text_unit", "page"],
+        "lines_per_shard": ["--lines_per_shardd", "2"],  # a misspelt key: "did you mean"
+        "min_chars": ["--min-chars", "many"],
+        "--output_dir": [],
+    }
+    capsys.readouterr()
+    for named, args in bad.items():
+        out = [] if named == "--output_dir" else ["--output_dir", str(tmp_path / "bad")]
+        assert shard_main([str(src), *out, *args]) == 2, named
+        err = capsys.readouterr().err
+        assert err.startswith("data/shard.py: error: ") and named in err, (named, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("kind", ["parquet", "json"])

@@ -15,17 +15,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import orjson
 import pytest
 import sentencepiece as spm
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dataset.train_tokenizer as train_tokenizer_module
 from data.shard_io import iter_shard_texts
 from dataset.chat_template import ROLE_TOKENS
 from dataset.tokenizer import BOS, EOS, PAD, UNK, WS_MARKER, Tokenizer
-from dataset.train_tokenizer import SUMMARY_FILE, BoundedSample, draw_sample, train_tokenizer
+from dataset.train_tokenizer import (
+    SUMMARY_FILE,
+    BoundedSample,
+    draw_sample,
+    main,
+    train_tokenizer,
+)
+from tests.helpers.shards import synthetic_texts, write_shard
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTROL_STRINGS = [BOS, EOS, PAD, UNK, *ROLE_TOKENS.values()]
@@ -46,56 +53,8 @@ TRICKY_TEXTS = [
 ]
 
 
-def write_shard(path: Path, texts: list[str]) -> Path:
-    """A jsonl.zst shard in the sharder's format."""
-    lines = b"".join(orjson.dumps({"text": t, "meta": {"source": "test"}}) + b"\n" for t in texts)
-    path.write_bytes(zstandard.ZstdCompressor().compress(lines))
-    return path
-
-
-def synthetic_texts(n_docs: int, seed: int = 0) -> list[str]:
-    """Generated English-like, Chinese-like and code-like documents (no corpus needed)."""
-    rng = random.Random(seed)
-    syllables = ["th", "e", "an", "in", "er", "on", "re", "at", "st", "ou", "ing", "ed", "al", "ly", "s"]
-    words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(600)]
-    han = [chr(c) for c in range(0x4E00, 0x4E00 + 150)]
-    docs = []
-    for i in range(n_docs):
-        kind = i % 3
-        if kind == 0:
-            body = " ".join(rng.choice(words) for _ in range(rng.randint(50, 300)))
-            docs.append(
-                body.capitalize() + f". In {rng.randint(1000, 2030)}, {rng.randint(1, 99)} times.\n\n"
-            )
-        elif kind == 1:
-            docs.append("".join(rng.choice(han) for _ in range(rng.randint(50, 300))) + "。\n")
-        else:
-            lines = [f"def {rng.choice(words)}(x, y={rng.randint(0, 9)}):"]
-            lines += [
-                f"{' ' * 4 * rng.randint(1, 3)}{rng.choice(words)} = x + {rng.randint(0, 99)}"
-                for _ in range(8)
-            ]
-            docs.append("\n".join(lines) + "\n\treturn  None\n")
-    return docs
-
-
 def read_wudao(path: Path) -> list[str]:
     return [r["title"] + "\n" + r["content"] for r in json.loads(path.read_text(encoding="utf-8"))]
-
-
-@pytest.fixture(scope="session")
-def synthetic_shards(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("synthetic_shards")
-    texts = synthetic_texts(900)
-    write_shard(folder / "part-test-0.jsonl.zst", texts[:450])
-    write_shard(folder / "part-test-1.jsonl.zst", texts[450:])
-    return folder
-
-
-@pytest.fixture(scope="session")
-def synthetic_tokdir(synthetic_shards, tmp_path_factory) -> Path:
-    """A tiny tokenizer trained on generated text: runs without the shared corpus."""
-    return train_tokenizer(str(synthetic_shards / "*.jsonl.zst"), 800, tmp_path_factory.mktemp("tok") / "syn")
 
 
 @pytest.fixture(scope="session")
@@ -404,7 +363,7 @@ def test_cli_bad_input_gives_clear_errors(synthetic_shards, tmp_path):
     (tmp_path / "a_file").write_text("x")
     result = _cli("--input", str(shards), "--vocab-size", "700", "--output-dir", str(tmp_path / "a_file/tok"))
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        f"error: cannot write --output-dir {tmp_path / 'a_file/tok'}: Not a directory"
+        f"error: cannot write --output_dir {tmp_path / 'a_file/tok'}: Not a directory"
     ]
     # A vocabulary larger than the text supports comes out smaller, and the summary says so.
     tiny = tmp_path / "tiny"
@@ -412,7 +371,7 @@ def test_cli_bad_input_gives_clear_errors(synthetic_shards, tmp_path):
     write_shard(tiny / "part-t-0.jsonl.zst", [f"hello world number {i} and some text" for i in range(200)])
     small = tmp_path / "small"
     result = _cli(
-        "--input", str(tiny), "--vocab-size", "5000", "--output-dir", str(small), "--num-threads", "1"
+        "--input", str(tiny), "--vocab_size", "5000", "--output_dir", str(small), "--num_threads", "1"
     )
     assert result.returncode == 0, result.stderr
     vocab = json.loads((small / SUMMARY_FILE).read_text())["vocab_size"]
@@ -438,7 +397,41 @@ def test_cli_bad_input_gives_clear_errors(synthetic_shards, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: SentencePiece training failed")
     needed = int(re.search(r"the sample has (\d+) pieces that must be in the vocabulary", result.stderr)[1])
-    assert needed > 400 and "raise --vocab-size above that" in result.stderr
+    assert needed > 400 and "raise --vocab_size above that" in result.stderr
+
+
+def test_cli_keys_aliases_and_bad_values(tmp_path, capsys, monkeypatch):
+    """The keys, their dash aliases and the inputs as bare arguments or after --input (one or several) give
+    the same call; a bad option is one line naming it, exit status 2, before any shard is read."""
+    calls = []
+
+    def record(*args, log, **kwargs):
+        calls.append((args, {**kwargs, "quiet": log is None}))
+
+    monkeypatch.setattr(train_tokenizer_module, "train_tokenizer", record)
+    assert main(["--input", "a", "--vocab_size", "700", "--output_dir", "tok", "--sample_bytes", "1M"]) == 0
+    assert main(["--input", "a", "--vocab-size", "700", "--output-dir", "tok", "--sample-bytes", "1M"]) == 0
+    assert main(["a", "--vocab_size", "700", "--output_dir", "tok", "--sample_bytes", "1M"]) == 0
+    assert calls[0] == calls[1] == calls[2] and calls[0][0] == (["a"], 700, "tok")
+    assert calls[0][1]["sample_bytes"] == 2**20 and not calls[0][1]["quiet"]
+    assert main(["--input", "a", "b", "--vocab_size", "700", "--output_dir", "tok", "--quiet"]) == 0
+    assert calls[-1][0] == (["a", "b"], 700, "tok") and calls[-1][1]["quiet"]
+
+    required = ["--input", str(tmp_path / "*.jsonl.zst"), "--output_dir", str(tmp_path / "tok")]
+    bad = [
+        ("vocab_size", ["--vocab_size", "200"]),  # below the 256 byte pieces
+        ("normalization", ["--vocab_size", "700", "--normalization", "nfd"]),
+        ("heldout_fraction", ["--vocab_size", "700", "--heldout_fraction", "1"]),
+        ("lots", ["--vocab_size", "700", "--sample_bytes", "lots"]),
+        ("vocab_size", ["--vocab-sise", "700"]),  # a misspelt key: "did you mean"
+    ]
+    capsys.readouterr()
+    for named, args in bad:
+        assert main([*required, *args]) == 2, named
+        err = capsys.readouterr().err
+        assert err.startswith("dataset/train_tokenizer.py: error: ") and named in err, (named, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "tok").exists()
 
 
 def _peak_rss_of_training(tmp_path: Path, n_copies: int, shard: Path) -> int:

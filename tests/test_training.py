@@ -7,13 +7,10 @@ bit for bit. The multi-process checks (gloo DDP, DeepSpeed ZeRO-1) start real pr
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -27,89 +24,28 @@ from safetensors.torch import load_file
 
 from common.config import load_config
 from data.shard_io import iter_shard_records
-from dataset.train_tokenizer import train_tokenizer
 from models.llama import Llama, ModelConfig
+from tests.helpers.training import (
+    PYTHON,
+    REPO,
+    AgreementWithReference,
+    RowStream,
+    TinyRun,
+    env,
+    pretrain,
+    run_config,
+    tiny_run,
+)
 from training import faults
 from training.checkpoint import Checkpointer, CheckpointError
-from training.config import LoggingConfig, OptimConfig, TrainConfig
+from training.config import OptimConfig, TrainConfig
 from training.distributed import build_accelerator
 from training.loop import NonFiniteLossError, train
 from training.objectives import CausalLMObjective, ObjectiveOutput
 from training.optim import build_optimizer, lr_factor, param_groups
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-
-
 # ---------------------------------------------------------------------------------------------------
-# Small real-text fixtures
-
-
-@pytest.fixture(scope="module")
-def real_data(shared_corpus, tmp_path_factory) -> dict[str, Path]:
-    """Four small shards of real English text and code (The Pile sample) plus a 512-token tokenizer."""
-    root = tmp_path_factory.mktemp("train_data")
-    shards = root / "shards"
-    shards.mkdir()
-    texts = []
-    for record in iter_shard_records(shared_corpus / "raw" / "pile" / "00.jsonl.zst"):
-        texts.append(record["text"][:1500])
-        if len(texts) == 240:
-            break
-    for i in range(4):
-        lines = b"".join(orjson.dumps({"text": t, "meta": {"source": "pile"}}) + b"\n" for t in texts[i::4])
-        (shards / f"part-pile-{i:05d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
-    tokdir = train_tokenizer([str(shards / "*.jsonl.zst")], 512, root / "tok")
-    return {"shards": shards, "tokenizer": tokdir, "root": root}
-
-
-def run_config(real_data, out: Path, **sections) -> Path:
-    """A tiny fp32 pretraining config for `real_data`, with section overrides; returns its YAML path."""
-    config = {
-        "model": {
-            "preset": "tiny",
-            "vocab_size": 0,
-            "dim": 64,
-            "n_layers": 2,
-            "n_heads": 4,
-            "n_kv_heads": 2,
-            "max_seq_len": 64,
-        },
-        "data": {
-            "shards": [str(real_data["shards"] / "*.jsonl.zst")],
-            "tokenizer": str(real_data["tokenizer"]),
-            "seq_len": 64,
-            "batch_size": 8,
-            "num_workers": 0,
-            "unit_docs": 16,
-            "validation_fraction": 0.05,
-        },
-        "optim": {"lr": 3e-3, "warmup_steps": 10},
-        "train": {
-            "output_dir": str(out),
-            "max_steps": 60,
-            "precision": "fp32",
-            "checkpoint_every": 10,
-            "keep_last": 2,
-            "eval_every": 30,
-            "eval_batches": 2,
-        },
-        "logging": {"log_every": 1, "progress_bar": False, "sample_every": 0},
-    }
-    for section, values in sections.items():
-        config[section].update(values)
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
-
-
-def pretrain(config: Path, *args: str, launcher: list[str] | None = None, **env_extra: str):
-    cmd = [*(launcher or [PYTHON]), str(REPO / "pretrain_llama.py"), "--config", str(config), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=600)
+# A run's output (the runs: tests/helpers/training.py, on the real_data fixture)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -125,40 +61,12 @@ def weights(step_dir: Path) -> dict[str, torch.Tensor]:
 # Configs
 
 
-@dataclasses.dataclass
-class _Run:
-    model: ModelConfig
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
-
-
 def test_typo_in_a_run_config_is_a_clean_cli_error(real_data, tmp_path):
     config = run_config(real_data, tmp_path / "out")
     result = pretrain(config, "--train.checkpoint_evry", "3")
     assert result.returncode == 2
     assert "unknown option --train.checkpoint_evry (did you mean 'checkpoint_every'?)" in result.stderr
     assert "max_steps" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (
-            ["--data.shards", "['/nonexistent/*.jsonl.zst']"],
-            "no shard files match '/nonexistent/*.jsonl.zst'",
-        ),
-        (["--train.precision", "fp8"], "train.precision must be one of"),
-        (["--train.output_dir", "/dev/null/run"], "Not a directory: '/dev/null/run'"),
-        (["--data.mixture", "{pile: 1, piel: 1}"], "mixture source(s) ['piel'] match no shard"),
-    ],
-    ids=["missing-shards", "precision", "unwritable-output", "mixture-typo"],
-)
-def test_setup_mistakes_are_one_line_errors(real_data, tmp_path, args, expected):
-    result = pretrain(run_config(real_data, tmp_path / "out"), *args)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "pretrain_llama.py: error: " in result.stderr and expected in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -235,51 +143,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
 # In-process loop checks on a synthetic learnable stream
 
 
-class RowStream:
-    """Deterministic batches (rows are shifted ranges mod V); rank r takes rows r::world of each batch."""
-
-    def __init__(self, rank: int = 0, world: int = 1, batch: int = 4, seq: int = 32, vocab: int = 128):
-        self.index, self.rank, self.world, self.batch, self.seq, self.vocab = (
-            0,
-            rank,
-            world,
-            batch,
-            seq,
-            vocab,
-        )
-
-    def __iter__(self):
-        while True:
-            g = torch.Generator().manual_seed(self.index)
-            start = torch.randint(0, self.vocab, (self.batch, 1), generator=g)
-            ids = ((start + torch.arange(self.seq)) % self.vocab)[self.rank :: self.world]
-            labels = ids.clone()
-            labels[:, : self.index % 5] = -100  # uneven token counts across rows and ranks
-            self.index += 1
-            yield {"input_ids": ids, "labels": labels}
-
-    def state_dict(self):
-        return {"index": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["index"]
-
-    def counters(self):
-        return {"rows_read": {"all": self.index * len(range(self.rank, self.batch, self.world))}}
-
-
-def tiny_run(out: Path, **train) -> _Run:
-    return _Run(
-        model=ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=2, max_seq_len=32),
-        optim=OptimConfig(lr=3e-3, warmup_steps=100),  # warmup only: the lr does not depend on max_steps
-        train=TrainConfig(
-            **{"output_dir": str(out), "precision": "fp32", "checkpoint_every": 0, "eval_every": 0, **train}
-        ),
-        logging=LoggingConfig(progress_bar=False, log_every=1, plot=False),
-    )
-
-
-def run_in_process(config: _Run):
+def run_in_process(config: TinyRun):
     accelerator = build_accelerator(config.train)
     torch.manual_seed(0)
     model = Llama(config.model)
@@ -339,26 +203,6 @@ def test_nonfinite_gradient_behind_a_finite_loss_skips_the_step(tmp_path):
     assert result.nonfinite_steps == 1
     for (name, a), b in zip(clean_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name  # step 3 applied nothing (no NaN weights either)
-
-
-class AgreementWithReference(CausalLMObjective):
-    """The LM loss plus how far the policy's next-token log-probabilities drift from a frozen reference's
-    (a metric over the same target tokens): an objective that needs a second, frozen model."""
-
-    def __call__(self, model, batch, frozen):
-        reference = frozen["reference"]
-        assert not getattr(reference, "module", reference).training  # (DeepSpeed wraps it in an engine)
-        assert not any(p.requires_grad for p in reference.parameters())
-        model_out = model(**batch)
-        with torch.no_grad():
-            ref_logits = reference(batch["input_ids"]).logits
-        targets = batch["labels"][:, 1:]
-        mask = targets != -100
-        ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), -1).gather(
-            -1, targets.clamp(min=0)[..., None]
-        )
-        drift = -ref_logp[..., 0][mask].mean() - model_out.loss.detach()
-        return ObjectiveOutput(model_out.loss, {"drift_from_reference": drift})
 
 
 def test_a_frozen_model_is_prepared_beside_the_policy_and_never_trained(tmp_path):
@@ -521,6 +365,36 @@ def test_fresh_start_refuses_to_overwrite_a_run(real_data, reference_run):
     assert result.returncode == 1 and "pass --resume auto" in result.stderr
 
 
+def test_continued_pretraining_from_an_export_or_a_run_folder(real_data, reference_run, tmp_path):
+    """--init DIR continues the reference run's model, its shape and tokenizer taken from DIR (the config
+    has no model section and no data.tokenizer): the first loss is where the reference run ended."""
+    ended = sum(losses(reference_run)[s] for s in range(56, 61)) / 5
+    first_losses = {}
+    for name, init in (("from_hf", reference_run / "hf"), ("from_run", reference_run)):
+        out = tmp_path / name
+        config = run_config(real_data, out, data={"tokenizer": ""}, train={"max_steps": 3, "eval_every": 0})
+        values = yaml.safe_load(config.read_text())
+        del values["model"]
+        config.write_text(yaml.safe_dump(values))
+        result = pretrain(config, "--init", str(init))
+        assert result.returncode == 0, result.stderr[-3000:]
+        first_losses[name] = losses(out)[1]
+        assert first_losses[name] == pytest.approx(ended, abs=0.5)  # not ln(512) = 6.2: a trained model
+        exported = json.loads((out / "hf" / "config.json").read_text())
+        assert exported == json.loads((reference_run / "hf" / "config.json").read_text())  # the same shape
+        saved = yaml.safe_load((out / "step-3" / "config.yaml").read_text())
+        assert saved["init"] == str(init) and saved["data"]["tokenizer"]  # found from DIR, saved
+    assert first_losses["from_hf"] == pytest.approx(first_losses["from_run"], abs=1e-5)  # the same weights
+
+    result = pretrain(config, "--init", str(reference_run / "hf"), "--model.dim", "128")
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert error == [
+        f"pretrain_llama.py: error: the model section does not describe --init {reference_run / 'hf'}: dim 128 vs 64"
+    ]
+    assert "Traceback" not in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------------
 # Several processes
 
@@ -528,7 +402,7 @@ DRIVER = textwrap.dedent(
     """
     import json, sys
     import torch
-    from tests.test_training import RowStream, tiny_run
+    from tests.helpers.training import RowStream, tiny_run
     from models.llama import Llama
     from training.distributed import build_accelerator
     from training.loop import train
@@ -590,7 +464,7 @@ FROZEN_DRIVER = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import torch
-    from tests.test_training import AgreementWithReference, RowStream, tiny_run
+    from tests.helpers.training import AgreementWithReference, RowStream, tiny_run
     from models.llama import Llama
     from training.distributed import build_accelerator
     from training.loop import train
@@ -653,7 +527,7 @@ READER_DRIVER = textwrap.dedent(
     from pathlib import Path
     from dataset.pretrain_dataset import PretrainDataConfig, build_pretrain_dataloader
     from dataset.tokenizer import Tokenizer
-    from tests.test_pretrain_dataset import first_epoch_documents
+    from tests.helpers.shards import first_epoch_documents
     from training.config import TrainConfig
     from training.distributed import build_accelerator
 

@@ -28,11 +28,12 @@ from accelerate import Accelerator
 
 from common.config import save_config
 from common.files import write_atomic
+from common.run_folder import LATEST, checkpoint_folder
 from training import faults
+from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -146,11 +147,9 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The checkpoint the `latest` pointer names, or the newest complete one if the pointer is stale."""
-        pointer = self.dir / LATEST
-        if pointer.is_file():
-            named = self.dir / pointer.read_text().strip()
-            if (named / "trainer_state.json").is_file():
-                return named
+        named = checkpoint_folder(self.dir)
+        if named != self.dir:
+            return named
         dirs = self.step_dirs()
         return dirs[-1] if dirs else None
 
@@ -186,6 +185,12 @@ class Checkpointer:
         self.last_saved_step = state["step"]
         log.info("resumed from %s (step %d)", path, state["step"])
         return state
+
+
+def will_resume(config: TrainConfig) -> bool:
+    """Whether a run of `config` will continue a checkpoint (`resume` set, and with `auto` a run folder
+    that has one) rather than start from its initial model."""
+    return bool(config.resume) and (config.resume != "auto" or (Path(config.output_dir) / LATEST).is_file())
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:

@@ -8,13 +8,24 @@ its model and data sections (see PretrainConfig in pretrain_llama.py).
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
 
 from models.llama import RunOptions
 
 # train.precision -> accelerate's mixed_precision
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# Adam's betas, in [0, 1) (named by jsonargparse; the held-out fraction type is the same one)
+Beta = restricted_number_type(None, float, [(">=", 0), ("<", 1)])
 
 # ---------------------------------------------------------------------------------------------------
 # The shared loop's own sections (the model and data sections belong to models/ and dataset/)
@@ -24,21 +35,21 @@ PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 3e-4
+    lr: PositiveFloat = 3e-4
     """Peak learning rate, reached at the end of warmup."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: ClosedUnitInterval = 0.1
     """The cosine decay ends at lr * min_lr_ratio (at train.max_steps)."""
-    warmup_steps: int = 2000
+    warmup_steps: NonNegativeInt = 2000
     """Optimizer steps of linear warmup from lr/warmup_steps to lr."""
-    weight_decay: float = 0.1
+    weight_decay: NonNegativeFloat = 0.1
     """Decoupled weight decay for matrices (norms, biases and embeddings get none)."""
-    beta1: float = 0.9
+    beta1: Beta = 0.9
     """AdamW beta1."""
-    beta2: float = 0.95
+    beta2: Beta = 0.95
     """AdamW beta2."""
-    eps: float = 1e-8
+    eps: NonNegativeFloat = 1e-8
     """AdamW epsilon."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegativeFloat = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     fused: bool | None = None
     """Use torch's fused AdamW kernel; None = yes where the training device has one (CUDA, CPU, ...)."""
@@ -51,42 +62,37 @@ class TrainConfig(RunOptions):
 
     output_dir: str = "runs/pretrain"
     """Checkpoints (step-N/), metrics.jsonl, the loss curve and the final Hugging Face export go here."""
-    max_steps: int = 1000
+    max_steps: PositiveInt = 1000
     """Optimizer steps to train for."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: PositiveInt = 1
     """Micro-batches per optimizer step; global batch = micro batch x grad_accum_steps x processes."""
-    precision: str = "bf16"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "bf16"
     """fp32, bf16 or fp16 (autocast; master weights stay fp32), or auto: bf16 where the hardware computes it
     natively (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16), else fp32. Overrides accelerate's
     mixed_precision."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed for model initialisation and every random number generator (per rank: seed + rank)."""
     compile: bool = False
     """torch.compile each decoder block (GPU speed feature; works on CPU too but compiles slowly)."""
-    checkpoint_every: int = 1000
+    checkpoint_every: NonNegativeInt = 1000
     """Save a resumable checkpoint every N optimizer steps (and always at the end); 0 = only at the end."""
-    keep_last: int = 3
+    keep_last: NonNegativeInt = 3
     """Keep only the newest K checkpoints (0 keeps all)."""
     resume: str = ""
     """'auto' resumes from the newest complete checkpoint in output_dir (fresh start when none), a path
     resumes from that step-N folder, empty starts fresh (refusing to overwrite existing checkpoints)."""
-    eval_every: int = 500
+    eval_every: NonNegativeInt = 500
     """Validation loss and perplexity every N steps (and at the end); 0 disables validation."""
-    eval_batches: int = 20
+    eval_batches: PositiveInt = 20
     """Batches of the held-out stream per validation (the same batches every time)."""
-    max_nonfinite_steps: int = 5
+    max_nonfinite_steps: PositiveInt = 5
     """Stop the run after this many consecutive steps with a non-finite loss (each one is skipped)."""
-    peak_flops: float | None = None
+    peak_flops: PositiveFloat | None = None
     """Peak FLOP/s of one device for the MFU figure; None = look the GPU up in the table (n/a on CPU)."""
     export_hf: bool = True
     """Export the final model (and tokenizer) in Hugging Face format to output_dir/hf."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.precision not in (*PRECISIONS, "auto"):
-            raise ValueError(
-                f"train.precision must be one of {[*PRECISIONS, 'auto']}, got {self.precision!r}"
-            )
         if self.precision == "auto":  # resolved here, so the saved config says what the run used
             self.precision = "bf16" if native_bf16() else "fp32"
 
@@ -108,7 +114,7 @@ def native_bf16() -> bool:
 class LoggingConfig:
     """Where metrics go: the progress bar, metrics.jsonl, wandb, sample generations."""
 
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Write a metrics line (and refresh the progress bar figures) every N steps."""
     progress_bar: bool = True
     """Show a tqdm progress bar on the main process."""
@@ -116,13 +122,13 @@ class LoggingConfig:
     """Log to this Weights & Biases project (offline mode without WANDB_API_KEY); None disables wandb."""
     wandb_run_name: str | None = None
     """wandb run name (default: the output folder's name)."""
-    sample_every: int = 0
+    sample_every: NonNegativeInt = 0
     """Generate from sample_prompts every N steps and log the text; 0 disables sampling."""
     sample_prompts: list[str] = dataclasses.field(
         default_factory=lambda: ["The meaning of life is", "def fibonacci(n):", "今天天气"]
     )
     """Fixed prompts for the periodic sample generations."""
-    sample_max_new_tokens: int = 32
+    sample_max_new_tokens: PositiveInt = 32
     """Tokens generated per sample."""
     plot: bool = True
     """Write loss_curve.png (train and validation loss) at the end."""

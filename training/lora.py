@@ -20,47 +20,38 @@ What the stages get here:
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from accelerate import Accelerator
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveFloat
 from safetensors.torch import load_file
 from torch import nn
 
-from common.files import apply_umask, replace_dir
+from common.files import atomic_dir
 from models.llama import Llama, ModelConfig, RunOptions
 
 PEFT_PREFIX = "base_model.model."
-LLAMA_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LlamaLinear = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_LINEAR_LAYERS = list(get_args(LlamaLinear))
 
 
 @dataclasses.dataclass
 class LoraConfig:
     """LoRA adapters (the `lora:` section); rank 0 trains every weight instead (full fine-tuning)."""
 
-    rank: int = 0
+    rank: NonNegativeInt = 0
     """Rank of the adapters; 0 = full fine-tuning (no adapters)."""
-    alpha: float = 16.0
+    alpha: PositiveFloat = 16.0
     """Scale of the adapters' output: alpha / rank."""
-    dropout: float = 0.05
+    dropout: ClosedUnitInterval = 0.05
     """Dropout on the adapters' input during training."""
-    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(LLAMA_LINEAR_LAYERS))
+    target_modules: list[LlamaLinear] = dataclasses.field(default_factory=lambda: list(LLAMA_LINEAR_LAYERS))
     """Linear layers that get adapters (names as in transformers' Llama): q_proj k_proj v_proj o_proj
     gate_proj up_proj down_proj."""
 
     def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"rank must be >= 0, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        unknown = sorted(set(self.target_modules) - set(LLAMA_LINEAR_LAYERS))
-        if unknown:
-            raise ValueError(
-                f"target_modules {unknown} are not Llama linear layers; choose from {LLAMA_LINEAR_LAYERS}"
-            )
         if self.rank and not self.target_modules:
             raise ValueError("target_modules is empty: no layer would get an adapter")
 
@@ -150,17 +141,10 @@ def save_adapter(peft_model: Any, out_dir: str | Path, base_model: str) -> Path:
     """The adapter alone, in peft's format (adapter_config.json + adapter_model.safetensors), atomically;
     `base_model` is recorded as the model it applies to."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = base_model
         peft_model.save_pretrained(tmp, save_embedding_layers=False)  # adapters only ever on linear layers
-        apply_umask(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

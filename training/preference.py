@@ -28,44 +28,37 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat
 from torch import nn
 
 from training.objectives import Batch, Objective, ObjectiveOutput, bits_per_byte
-
-LOSS_TYPES = ("dpo", "cdpo", "ipo", "simpo")
 
 
 @dataclasses.dataclass
 class PreferenceLossConfig:
     """The preference loss (the `loss:` section)."""
 
-    type: str = "dpo"
+    type: Literal["dpo", "cdpo", "ipo", "simpo"] = "dpo"
     """dpo (sigmoid), cdpo (DPO with label smoothing), ipo, or simpo (no reference model)."""
-    beta: float = 0.1
+    beta: PositiveFloat = 0.1
     """How strongly the log-ratio margin is scored: DPO's KL strength (0.1; 0.01-0.5 are common), IPO's
     target margin 1/(2 beta), SimPO's scale (2.0-2.5)."""
-    label_smoothing: float = 0.1
+    label_smoothing: ClosedUnitInterval = 0.1
     """cdpo only: the fraction of pairs assumed mislabelled (0 < e < 0.5)."""
-    simpo_gamma: float = 0.5
+    simpo_gamma: NonNegativeFloat = 0.5
     """simpo only: the target reward margin gamma."""
-    sft_weight: float = 0.0
+    sft_weight: NonNegativeFloat = 0.0
     """RPO: weight of the chosen answers' negative log-likelihood per token added to the loss (0 = off;
     1.0 in the RPO paper)."""
 
     def __post_init__(self) -> None:
-        if self.type not in LOSS_TYPES:
-            raise ValueError(f"loss type must be one of {', '.join(LOSS_TYPES)}, got {self.type!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.type == "cdpo" and not 0 < self.label_smoothing < 0.5:
             raise ValueError(f"cdpo needs 0 < label_smoothing < 0.5, got {self.label_smoothing}")
-        if self.sft_weight < 0:
-            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
 
     @property
     def needs_reference(self) -> bool:
@@ -146,7 +139,7 @@ def loss_at_reference(config: PreferenceLossConfig) -> float:
 
 
 def answer_logps(model: nn.Module, batch: Batch) -> PairLogps:
-    """The summed log-probabilities of every answer in a preference batch (dataset/preference_data.py's
+    """The summed log-probabilities of every answer in a preference batch (dataset/preference_stream.py's
     PreferenceLoader: sequence_ids say which answer each label belongs to), from one forward pass."""
     out = model(
         input_ids=batch["input_ids"],
@@ -170,9 +163,6 @@ def answer_logps(model: nn.Module, batch: Batch) -> PairLogps:
 
 class ReferenceMismatchError(RuntimeError):
     """At the first step the policy and the reference disagree: they should be the same model."""
-
-
-REFERENCE_MODES = ("auto", "copy", "adapter", "cached")
 
 
 class PreferenceObjective(Objective):

@@ -18,20 +18,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from common.run_folder import checkpoint_folder
 from models.hf import load_hf, read_hf_tensors
 from models.llama import Llama, ModelConfig, RunOptions
-from training.checkpoint import LATEST
 from training.lora import LoraConfig, merge_adapter_tensors, peft_model_from_state
-
-
-def checkpoint_folder(path: str | Path) -> Path:
-    """`path` itself, or the checkpoint a run folder's `latest` pointer names."""
-    folder = Path(path)
-    if (folder / LATEST).is_file():  # (DeepSpeed also writes a `latest` file, inside a checkpoint)
-        named = folder / (folder / LATEST).read_text().strip()
-        if (named / "trainer_state.json").is_file():
-            return named
-    return folder
 
 
 def load_initial_model(path: str | Path, *, options: RunOptions | None = None) -> Llama:

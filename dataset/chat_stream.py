@@ -1,13 +1,5 @@
 """The instruction-tuning stream: prepared shards -> per-source order -> mixture -> rows of whole
-conversations -> batches; and the preview command.
-
-See what the model will be trained on before spending GPU hours (any `--data.key value` overrides the run
-config's `data:` section):
-
-    python dataset/chat_dataset.py --config configs/sft/demo.yaml --show.samples 3
-
-prints the data report (malformed records with file:line, truncation, tokens), conversations with their
-trained tokens marked (⟦...⟧, or green on a terminal), and how the first batches are packed.
+conversations -> batches. Preference tuning streams its pairs through it too (dataset/preference_stream.py).
 
 What a batch is
 ---------------
@@ -21,8 +13,8 @@ is never a target, and attention sees only the conversation itself either way.
 
 How it is built (the shared parts of the pretraining stream)
 ------------------------------------------------------------
-dataset/chat_data.py prepares the sources once into shards of rendered conversations; then
-dataset/shards.py groups them by source, dataset/document_order.py orders each source's conversations
+dataset/chat_prepare.py prepares the sources once into shards of rendered conversations; then
+dataset/rank_shards.py groups them by source, dataset/document_order.py orders each source's conversations
 (per-epoch shuffles, exact resume, worker processes optional: `load_chat_unit` only parses), dataset/
 mixing.py draws sources by weight, dataset/packing.py's BlockPacker arranges blocks of conversations into
 rows, and dataset/loader.py batches them with the exact-resume state envelope.
@@ -37,27 +29,18 @@ were handed out; a restored stream arranges that block again and skips them.
 from __future__ import annotations
 
 import math
-import sys
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
-
-if __package__ in (None, ""):  # run as `python dataset/chat_dataset.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import yaml
 
 from common import IGNORE_INDEX
 from data.shard_io import ShardError
-from dataset.chat_data import ChatDataConfig, PreparedData, format_report, prepare_chat_data
-from dataset.chat_template import show_trained
 from dataset.document_order import Document, GroupStream, OrderSettings, Unit, UnitKey
 from dataset.loader import PackedLoader
 from dataset.mixing import Mixer
 from dataset.packing import BlockPacker, PackedRow
-from dataset.shards import Group, plan_groups
+from dataset.prepare import PreparedData, PreparedDataConfig
+from dataset.rank_shards import Group, plan_groups
 from dataset.worker_pool import WorkerPool
 
 STATE_VERSION = 1
@@ -75,23 +58,34 @@ class ChatUnitRequest:
         return f"unit {self.key.index} ({self.key.unit_docs} conversations) of {self.key.part.path}"
 
 
-def load_chat_unit(request: ChatUnitRequest, _state: Any = None) -> Unit:
-    """A unit's conversations in the unit's order: ids, and labels that are the ids on the trained spans."""
-    documents, labels = [], []
+def read_prepared_unit(
+    request: ChatUnitRequest, what: str, meta: Callable[[dict[str, Any]], Any] | None = None
+) -> Unit:
+    """A unit of prepared lines (`what`: "conversation", "pair") in the unit's order: ids, labels that are
+    the ids on the trained spans, and `meta(line)` of each when given."""
+    documents, labels, metas = [], [], []
     for line_number, obj in request.key.iter_records():
         try:
             ids, spans = obj["ids"], obj["train"]
             row_labels = [IGNORE_INDEX] * len(ids)
             for start, end in spans:
                 row_labels[start:end] = ids[start:end]
+            metas.append(meta(obj) if meta is not None else None)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ShardError(
-                f"{request.key.part.path}:{line_number}: not a prepared conversation ({exc})"
-            ) from exc
+            raise ShardError(f"{request.key.part.path}:{line_number}: not a prepared {what} ({exc})") from exc
         documents.append(ids)
         labels.append(row_labels)
     order = request.key.shuffle(list(range(len(documents))))
-    return Unit.build([documents[i] for i in order], [labels[i] for i in order])
+    return Unit.build(
+        [documents[i] for i in order],
+        [labels[i] for i in order],
+        [metas[i] for i in order] if meta is not None else None,
+    )
+
+
+def load_chat_unit(request: ChatUnitRequest, _state: Any = None) -> Unit:
+    """A unit's conversations in the unit's order: ids, and labels that are the ids on the trained spans."""
+    return read_prepared_unit(request, "conversation")
 
 
 class ChatStream:
@@ -100,13 +94,12 @@ class ChatStream:
     `rows_per_step` (batch_size x accumulation x world_size) is the length of a "pad" group, so an
     optimizer step's rows have similar lengths whatever the split. Preference tuning streams its pairs
     through this too: `load_unit` reads its own prepared records, `item` names them in the counters.
-    `config` is a ChatDataConfig or any settings with its seq_len, batch_size, packing, pack_block, seed
-    and num_workers.
+    `config` is a ChatDataConfig or a PreferenceDataConfig.
     """
 
     def __init__(
         self,
-        config: ChatDataConfig,
+        config: PreparedDataConfig,
         groups: list[Group],
         pad_id: int,
         *,
@@ -235,7 +228,7 @@ class ChatLoader(PackedLoader):
 
 
 def build_chat_loaders(
-    config: ChatDataConfig,
+    config: PreparedDataConfig,
     prepared: PreparedData,
     pad_id: int,
     *,
@@ -252,7 +245,7 @@ def build_chat_loaders(
 
     `rows_per_step`: rows per optimizer step over all ranks (default batch_size x world_size). `once`: the
     training loader goes over the training data once, in file order, instead. Preference tuning passes its
-    own `load_unit`, `item` and `loader_class` (dataset/preference_data.py).
+    own `load_unit`, `item` and `loader_class` (dataset/preference_stream.py).
     """
     loader_class = loader_class or ChatLoader
     rows_per_step = rows_per_step or config.batch_size * world_size
@@ -300,130 +293,3 @@ def build_chat_loaders(
             )
         )
     return loaders[0], loaders[1]  # type: ignore[return-value]
-
-
-def find_tokenizer(tokenizer: str, init: str) -> str:
-    """The tokenizer folder of a run: `data.tokenizer` when set, else the --init model's: an exported folder
-    holds one; a checkpoint of ours (or a run folder, by its `latest`) names it in its config.yaml."""
-    if tokenizer:
-        return tokenizer
-    if not init:
-        raise ValueError("no tokenizer: set data.tokenizer, or --init a model folder that has one")
-    folder = Path(init)
-    if (folder / "tokenizer.model").is_file():
-        return str(folder)
-    latest = folder / "latest"  # a run folder's pointer to its newest checkpoint
-    if latest.is_file() and (folder / latest.read_text().strip() / "config.yaml").is_file():
-        folder = folder / latest.read_text().strip()
-    saved = folder / "config.yaml"
-    if saved.is_file():
-        named = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("tokenizer")
-        if named:
-            return str(named)
-    raise ValueError(
-        f"{init}: no tokenizer.model there and no data.tokenizer in its config.yaml; set data.tokenizer"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line: the preview
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ShowConfig:
-    """What the preview prints (the `show:` options of `python dataset/chat_dataset.py`)."""
-
-    samples: int = 3
-    """Conversations printed in full with their trained tokens marked."""
-    batches: int = 2
-    """Batches whose packing is summarised (rows, conversations, fill, trained tokens)."""
-    validation: bool = False
-    """Preview the held-out stream instead of the training stream."""
-    max_records: int = 0
-    """Prepare only the first N records of each source (0: all); a quick look at a large data set."""
-    color: bool | None = None
-    """Mark trained tokens in green (None: when printing to a terminal) instead of ⟦...⟧."""
-
-
-@dataclass
-class PreviewConfig:
-    """The data section of an instruction-tuning config (and its --init, for the tokenizer)."""
-
-    data: ChatDataConfig
-    show: ShowConfig = field(default_factory=ShowConfig)
-    init: str = ""
-    """The model the run starts from; its tokenizer is used unless data.tokenizer is set."""
-
-
-def preview(config: PreviewConfig) -> None:
-    """Prepare the data (into data.cache_dir, or a temporary folder) and print what training will see."""
-    from dataset.tokenizer import Tokenizer
-
-    data, options = config.data, config.show
-    tokenizer_dir = find_tokenizer(data.tokenizer, config.init)
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(data.cache_dir or Path(tmp) / "data")
-        prepared = prepare_chat_data(data, tokenizer, tokenizer_dir, cache, max_records=options.max_records)
-        print(format_report(prepared.report))
-        train, held_out = build_chat_loaders(data, prepared, tokenizer.pad_id)
-        loader = held_out if options.validation else train
-        if loader is None:
-            raise ValueError("no held-out stream: set data.validation_files or data.validation_fraction")
-        try:
-            _print_rows(loader, tokenizer, options)
-        finally:
-            for opened in (train, held_out):
-                if opened is not None:
-                    opened.close()
-
-
-def _print_rows(loader: ChatLoader, tokenizer: Any, options: ShowConfig) -> None:
-    """The first batches: per row its conversations (source and length), and the first `options.samples`
-    conversations in full with their trained tokens marked."""
-    stream = loader.stream
-    assert isinstance(stream, ChatStream)
-    shown = 0
-    for b in range(options.batches):
-        rows = [row for row in (stream.next_row() for _ in range(loader.batch_size)) if row is not None]
-        if not rows:
-            break
-        batch = loader.rows_to_batch(rows)
-        width = batch["input_ids"].shape[1]
-        filled = sum(seg.length for row in rows for seg in row.segments)
-        trained = int((batch["labels"] != IGNORE_INDEX).sum())
-        conversations = sum(len(row.segments) for row in rows)
-        print(
-            f"\nbatch {b}: {len(rows)} rows x {width} tokens, {conversations} conversations, "
-            f"{filled / (len(rows) * width):.0%} filled, {trained:,} trained tokens"
-        )
-        for r, row in enumerate(rows):
-            parts = ", ".join(f"{seg.source} {seg.length}" for seg in row.segments)
-            print(f"  row {r}: {len(row.segments)} conversation(s) of tokens: {parts}")
-        for row in rows:
-            for seg in row.segments:
-                if shown == options.samples:
-                    break
-                shown += 1
-                ids = row.tokens[seg.start : seg.start + seg.length].tolist()
-                labels = row.labels[seg.start : seg.start + seg.length].tolist()
-                learned = sum(label != IGNORE_INDEX for label in labels)
-                print(f"\n--- a conversation from {seg.source}: {len(ids)} tokens, {learned} trained ---")
-                print(show_trained(tokenizer, ids, labels, color=options.color))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from common.config import ConfigError, parse_config
-
-    try:
-        config = parse_config(PreviewConfig, argv, prog="dataset/chat_dataset.py", allow_extra_sections=True)
-        preview(config)
-    except (ValueError, OSError, ShardError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Shards as a data stream sees them: which source each belongs to, which parts of which shards a rank
+"""A rank's share of the shards: which source each shard belongs to, which parts of which shards a rank
 reads, and reading the records of a part.
 
 1. Shards are grouped by source, the name in `part-<source>-<index>.jsonl.zst` (for other file names, the

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-import yaml
 
-from common.run_folder import checkpoint_folder
 from dataset.chat_sources import FORMATS, ChatSource, Messages, iter_source
 from dataset.chat_template import RenderedChat, render_chats
 from dataset.prepare import (
@@ -46,25 +43,6 @@ class ChatDataConfig(PreparedDataConfig):
     format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]
     """Record format: auto (told apart by the keys of each record), alpaca, sharegpt, messages or completion
     (prompt/completion)."""
-
-
-def find_tokenizer(tokenizer: str, init: str) -> str:
-    """The tokenizer folder of a run: `data.tokenizer` when set, else the --init model's: an exported folder
-    holds one; a checkpoint of ours (or a run folder, through its `latest`) names it in its config.yaml."""
-    if tokenizer:
-        return tokenizer
-    if not init:
-        raise ValueError("no tokenizer: set data.tokenizer, or --init a model folder that has one")
-    if (Path(init) / "tokenizer.model").is_file():
-        return str(Path(init))
-    saved = checkpoint_folder(init) / "config.yaml"
-    if saved.is_file():
-        named = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("tokenizer")
-        if named:
-            return str(named)
-    raise ValueError(
-        f"{init}: no tokenizer.model there and no data.tokenizer in its config.yaml; set data.tokenizer"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------

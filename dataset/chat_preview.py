@@ -24,8 +24,9 @@ from jsonargparse.typing import NonNegativeInt
 import common.config
 from common import IGNORE_INDEX
 from common.config import ConfigError
+from common.run_folder import find_tokenizer
 from data.shard_io import ShardError
-from dataset.chat_prepare import ChatDataConfig, find_tokenizer, format_report, prepare_chat_data
+from dataset.chat_prepare import ChatDataConfig, format_report, prepare_chat_data
 from dataset.chat_stream import ChatLoader, ChatStream, build_chat_loaders
 from dataset.chat_template import show_trained
 from dataset.prepare import PreparedDataConfig

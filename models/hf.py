@@ -11,7 +11,8 @@ shards with an index, generation_config.json, the tokenizer files) that transfor
 
 Beside it go `open_llama_config.json` (our ModelConfig) and, for stable-embedding models,
 `open_llama_extra.safetensors` (the LayerNorm and, if untied, the raw embedding), which transformers ignores;
-with them `load_hf` restores the exact trainable model.
+with them `load_hf` restores the exact trainable model. A stage's export also records the model's name in
+config.json (`open_llama_model_name`, which transformers keeps) and carries a model card (`README.md`).
 
 `load_hf(path)` loads any Hugging Face Llama folder (single or sharded safetensors, or pytorch_model.bin read
 with weights_only=True: nothing is ever unpickled) into our Llama, e.g. to continue pretraining a Llama model.
@@ -35,6 +36,10 @@ from models.llama import Llama, ModelConfig, RunOptions
 
 OUR_CONFIG = "open_llama_config.json"
 OUR_EXTRA = "open_llama_extra.safetensors"
+# config.json's record of the model's name (its run's): transformers keeps a key it does not know through
+# from_pretrained and save_pretrained (unlike `_name_or_path`, which it overwrites with the folder's path).
+NAME_KEY = "open_llama_model_name"
+CARD = "README.md"
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
@@ -155,13 +160,17 @@ def export_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
     stop_token_ids: Sequence[int] = (),
+    name: str = "",
+    card: str = "",
 ) -> Path:
     """Write `model` as a stock Hugging Face Llama folder at out_dir (atomically: temp folder, then rename).
 
     dtype: tensor dtype on disk (default: the model's). tokenizer_dir: a tokenizer folder whose files are
     copied in and whose bos/eos/pad ids go to config.json and generation_config.json. stop_token_ids: more
     ids that end generation besides eos (a chat model's end-of-turn token), listed with it as
-    generation_config.json's eos_token_id, which transformers' generate() and vLLM stop at.
+    generation_config.json's eos_token_id, which transformers' generate() and vLLM stop at. name: the
+    model's name, recorded in config.json (`recorded_model_name`; the chat server's model id). card: the
+    model card, written as README.md (training/report.py renders it).
     """
     out_dir = Path(out_dir)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
@@ -178,6 +187,8 @@ def export_hf(
     with atomic_dir(out_dir) as tmp:
         _save_sharded(tensors, tmp, max_shard_bytes)
         config = {**hf_config_dict(model.config, tie_word_embeddings=tied, dtype=disk_dtype), **special}
+        if name:
+            config[NAME_KEY] = name
         _write_json(tmp / "config.json", config)
         # No max_length: it would override callers' max_new_tokens with a warning in transformers.
         generation = dict(special)
@@ -189,10 +200,22 @@ def export_hf(
         if extra:
             save_file(extra, tmp / OUR_EXTRA, metadata={"format": "pt"})
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    shutil.copy2(tokenizer_dir / name, tmp / name)
+            for file_name in TOKENIZER_FILES:
+                if (tokenizer_dir / file_name).is_file():
+                    shutil.copy2(tokenizer_dir / file_name, tmp / file_name)
+        if card:
+            (tmp / CARD).write_text(card, encoding="utf-8")
     return out_dir
+
+
+def recorded_model_name(folder: str | Path) -> str:
+    """The model's name that an export records in its config.json ("" when it records none)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    name = config.get(NAME_KEY) if isinstance(config, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from jsonargparse.typing import restricted_number_type
 
 from dataset.chat_template import ROLE_TOKENS
+from models.hf import recorded_model_name
 from serve.api import ServerState, build_api
 from serve.engine import Engine, EngineConfig
 
@@ -46,7 +47,8 @@ class ServerConfig:
     """Require 'Authorization: Bearer KEY' on the API (and KEY as the chat page's password); default: the
     OPEN_LLAMA_API_KEY environment variable, which, unlike a flag, other users cannot see in `ps`."""
     model_name: str = ""
-    """The model's name in /v1/models and in requests' `model` field; empty = the folder's name."""
+    """The model's name in /v1/models, in requests' `model` field and on the chat page; empty = the name the
+    export records (its training run's, e.g. demo-sft), else the folder's name."""
     ui: bool = True
     """Serve the Gradio chat page at / (false: the API only)."""
 
@@ -178,7 +180,7 @@ def resolve(config: ChatServerConfig) -> ChatServerConfig:
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: not a Hugging Face model folder (no config.json)")
     api_key = server.api_key if server.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    name = server.model_name or folder.resolve().name
+    name = server.model_name or recorded_model_name(folder) or folder.resolve().name
     return dataclasses.replace(config, server=dataclasses.replace(server, api_key=api_key, model_name=name))
 
 

@@ -36,6 +36,7 @@ from dataset.tokenizer import Tokenizer
 from models.hf import export_hf, load_hf
 from models.llama import Llama, ModelConfig
 from tests.helpers.chat import train_chat_tokenizer
+from tests.helpers.training import check_report_and_card
 from training.lora import LoraConfig, add_lora
 from training.preference import (
     PairLogps,
@@ -47,6 +48,7 @@ from training.preference import (
     loss_at_reference,
     preference_loss,
 )
+from training.report import run_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -530,6 +532,8 @@ def test_a_short_run_on_real_pairs_prefers_held_out_chosen_answers(real_pairs):
     assert {"real", "rules"} <= set(final["pairs_per_source"])
     assert isinstance(load_hf(out / "hf"), Llama)  # the export is a plain Llama folder with the chat template
     assert "chat_template" in (out / "hf" / "tokenizer_config.json").read_text()
+    meta = check_report_and_card(out, name=run_name(out), base_model=str(real_pairs["init"]))
+    assert "preference-tuning" in meta["tags"]
 
 
 def run(config: Path, *args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:

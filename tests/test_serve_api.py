@@ -27,9 +27,9 @@ import uvicorn
 from serve.api import ServerState
 from serve.app import API_KEY_ENV, ChatServerConfig, ServerConfig, build_app, load, resolve
 from serve.engine import EngineConfig
+from tests.helpers.serve import MODEL_NAME as MODEL
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = "tiny-chat"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -70,13 +70,14 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def config(our_folder) -> ChatServerConfig:
-    server = ServerConfig(model=str(our_folder), model_name=MODEL)
-    return ChatServerConfig(server=server, engine=EngineConfig(slots=4, max_queue=12))
+    """No --model_name: the server takes the name the export records (its run's), not the folder's."""
+    server = ServerConfig(model=str(our_folder))
+    return resolve(ChatServerConfig(server=server, engine=EngineConfig(slots=4, max_queue=12)))
 
 
 @pytest.fixture(scope="module")
 def state(our_folder, config):
-    state = ServerState(model_name=MODEL)
+    state = ServerState(model_name=config.server.model_name)
     load(state, our_folder, config.engine)
     yield state
     state.engine.close()
@@ -111,7 +112,8 @@ def user(text: str) -> list[dict[str, str]]:
 # ---- the happy paths ----------------------------------------------------------------------------------------
 
 
-def test_models_and_health(server, client):
+def test_models_and_health(server, client, our_folder):
+    assert our_folder.name != MODEL  # the id is the name the export records
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     health = httpx.get(f"{server.url}/health")
@@ -449,6 +451,18 @@ def test_the_api_key_guards_every_v1_route_but_not_health(state, config):
         assert reply.usage.completion_tokens == 2
     finally:
         live.stop()
+
+
+def test_the_model_name_is_the_flags_else_the_exports_else_the_folders(our_folder, tmp_path):
+    named = ChatServerConfig(server=ServerConfig(model=str(our_folder), model_name="mine"))
+    assert resolve(named).server.model_name == "mine"
+    assert resolve(ChatServerConfig(server=ServerConfig(model=str(our_folder)))).server.model_name == MODEL
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(our_folder, unnamed)
+    config = json.loads((unnamed / "config.json").read_text())
+    del config["open_llama_model_name"]
+    (unnamed / "config.json").write_text(json.dumps(config))
+    assert resolve(ChatServerConfig(server=ServerConfig(model=str(unnamed)))).server.model_name == "unnamed"
 
 
 def test_the_api_key_comes_from_the_environment(our_folder, monkeypatch):

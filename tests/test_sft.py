@@ -27,8 +27,10 @@ from dataset.tokenizer import Tokenizer
 from models.hf import export_hf
 from models.llama import Llama, ModelConfig
 from tests.helpers.chat import MULTI_TURN, train_chat_tokenizer
+from tests.helpers.training import check_report_and_card
 from training import faults
 from training.pretrained import load_initial_model
+from training.report import run_name
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -215,6 +217,11 @@ def test_the_run_logs_its_metrics_and_saves_what_rebuilds_it(sft_data, full_run)
     assert saved["init"] == str(sft_data["init"]) and saved["model"]["dim"] == 128
     assert saved["data"]["tokenizer"] == str(sft_data["init"])  # the init folder's own tokenizer
     assert (full_run / "data" / "report.json").is_file()
+    # The report card and the model card: the prepared data's figures, the --init model as base_model.
+    meta = check_report_and_card(full_run, name=run_name(full_run), base_model=str(sft_data["init"]))
+    assert "tags" in meta and "instruction-tuning" in meta["tags"]
+    report = (full_run / "report.md").read_text()
+    assert "| alpaca | 10 | 10 |" in report and "- initial model `" in report
     # --init takes the checkpoint, or the run folder (its latest checkpoint): the same model as the export.
     from transformers import AutoModelForCausalLM
 

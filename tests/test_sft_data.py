@@ -22,7 +22,8 @@ import torch
 import zstandard
 
 from common import IGNORE_INDEX
-from dataset.chat_prepare import ChatDataConfig, find_tokenizer, format_report, prepare_chat_data
+from common.run_folder import find_tokenizer
+from dataset.chat_prepare import ChatDataConfig, format_report, prepare_chat_data
 from dataset.chat_sources import iter_source, parse_sources, to_messages
 from dataset.chat_stream import ChatLoader, build_chat_loaders
 from dataset.chat_template import render_chat

@@ -31,6 +31,7 @@ from tests.helpers.training import (
     AgreementWithReference,
     RowStream,
     TinyRun,
+    check_report_and_card,
     env,
     pretrain,
     run_config,
@@ -43,6 +44,7 @@ from training.distributed import build_accelerator
 from training.loop import NonFiniteLossError, train
 from training.objectives import CausalLMObjective, ObjectiveOutput
 from training.optim import build_optimizer, lr_factor, param_groups
+from training.report import run_name
 
 # ---------------------------------------------------------------------------------------------------
 # A run's output (the runs: tests/helpers/training.py, on the real_data fixture)
@@ -321,6 +323,11 @@ def test_loss_falls_on_real_text_and_the_run_is_complete(reference_run):
     ours.tie_weights()
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+    # The report card and the model card, with the figures of metrics.jsonl.
+    check_report_and_card(reference_run, name=run_name(reference_run))
+    report = (reference_run / "report.md").read_text()
+    assert "## Data" in report and "- tokens per source (trained): " in report
+    assert "- vocabulary: 512 " in report and "bytes per token, " in report
 
 
 def test_kill_9_after_a_checkpoint_then_resume_auto_is_exact(real_data, reference_run, tmp_path):

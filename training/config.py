@@ -121,7 +121,8 @@ class LoggingConfig:
     wandb_project: str | None = None
     """Log to this Weights & Biases project (offline mode without WANDB_API_KEY); None disables wandb."""
     wandb_run_name: str | None = None
-    """wandb run name (default: the output folder's name)."""
+    """wandb run name (default: the output folder's name); when set, also the run's name in report.md and its
+    export's model name (default: docs/training.md, the report card)."""
     sample_every: NonNegativeInt = 0
     """Generate from sample_prompts every N steps and log the text; 0 disables sampling."""
     sample_prompts: list[str] = dataclasses.field(

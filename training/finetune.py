@@ -20,6 +20,7 @@ from training.evaluation import Sampler
 from training.loop import seed_everything
 from training.lora import LoraConfig, peft_model_from_state, save_adapter
 from training.pretrained import load_initial_model
+from training.report import model_card, run_name
 
 
 class _DataSection(Protocol):
@@ -33,6 +34,7 @@ class StageConfig(Protocol):
     init: str
     model: ModelConfig
     train: TrainConfig
+    logging: LoggingConfig
 
     @property
     def data(self) -> _DataSection: ...
@@ -42,7 +44,6 @@ class FineTuneConfig(StageConfig, Protocol):
     """The sections a fine-tuning stage's config has (SFTConfig, DPOConfig)."""
 
     lora: LoraConfig
-    logging: LoggingConfig
 
 
 def starting_model(config: StageConfig, tokenizer: Tokenizer) -> Llama:
@@ -91,8 +92,9 @@ def check_model_section(config: StageConfig, init_model: ModelConfig) -> None:
 def exporter(
     config: StageConfig, tokenizer: Tokenizer, *, chat: bool
 ) -> Callable[[dict[str, torch.Tensor], Path], None]:
-    """The final export: the model and its tokenizer; with LoRA (a config with a `lora` section) the
-    adapters merged in and saved alone beside; for a `chat` model the chat template's stop token listed."""
+    """The final export: the model and its tokenizer, the run's name and model card (training/report.py);
+    with LoRA (a config with a `lora` section) the adapters merged in and saved alone beside; for a `chat`
+    model the chat template's stop token listed."""
     out_dir = Path(config.train.output_dir)
     lora: LoraConfig | None = getattr(config, "lora", None)
 
@@ -105,7 +107,15 @@ def exporter(
         else:
             merged = Llama.from_state_dict(config.model, state_dict)
         stops = stop_token_ids(tokenizer) if chat else ()
-        export_hf(merged, hf_dir, tokenizer_dir=config.data.tokenizer, stop_token_ids=stops)
+        # The loop exports after the run's metrics are complete: the card has the run's figures.
+        export_hf(
+            merged,
+            hf_dir,
+            tokenizer_dir=config.data.tokenizer,
+            stop_token_ids=stops,
+            name=run_name(out_dir, config.logging.wandb_run_name),
+            card=model_card(out_dir),
+        )
         print(f"exported the final model in Hugging Face format to {hf_dir}", flush=True)
 
     return export

@@ -148,6 +148,8 @@ def train(
     )
     resumed = checkpointer.resume(tc.resume)
     state = resumed or {"step": 0, "tokens_seen": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
+    # Training time over every process that worked on the run (a resumed one adds to its checkpoint's).
+    clock = _Clock(state.get("elapsed_s", 0.0))
     if resumed is not None:
         # The stream restored its position as of the checkpoint; the batch taken above is discarded.
         train_iter = iter(train_data)
@@ -191,6 +193,7 @@ def train(
         tokens = sum(rows * length for rows, length in shapes) * acc.num_processes
         state["step"] = step
         state["tokens_seen"] += tokens
+        state["elapsed_s"] = clock.elapsed()
         throughput.add(tokens, seq_len=shapes[0][1])
         metrics.advance()
 
@@ -262,8 +265,19 @@ def step_record(result: StepResult, objective: Objective, lr: float, state: dict
         grad_norm=result.grad_norm,
         tokens_seen=state["tokens_seen"],
         nonfinite_steps=state["nonfinite_steps"],
+        elapsed_s=state["elapsed_s"],
     )
     return record
+
+
+class _Clock:
+    """Seconds of training: those a checkpoint carried, plus this process's since it started training."""
+
+    def __init__(self, carried: float) -> None:
+        self.carried, self.start = carried, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.carried + time.perf_counter() - self.start
 
 
 class Throughput:

@@ -9,7 +9,8 @@
    --init's, checked against the tokenizer and `data.seq_len`);
 3. the stage's `build(stage)`: its data, objective, LoRA, frozen models, sampler and export, as a `Run`.
    What it opens through `stage.opened` (the data loaders) is closed whatever happens next;
-4. the shared loop (training/loop.py), then the run's last line.
+4. the shared loop (training/loop.py), then the run's report card (`report.md`, training/report.py) and its
+   last line.
 
 Exit status: 0 done; 2 a mistake in the config or the set-up (one line `PROG: error: ...`, before any
 training step); 1 the run stopped (non-finite losses, a checkpoint that cannot be written or resumed, an
@@ -31,8 +32,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from common.config import ConfigError, parse_config
+from common.run_folder import find_tokenizer
 from data.shard_io import ShardError
-from dataset.chat_prepare import find_tokenizer
 from dataset.prepare import PreparedData, PreparedDataConfig
 from dataset.tokenizer import Tokenizer
 from models.llama import Llama
@@ -44,6 +45,7 @@ from training.loop import NonFiniteLossError, TrainingData, finish_run, seed_eve
 from training.lora import add_lora, checkpoint_trainable_only
 from training.objectives import Objective
 from training.preference import ReferenceMismatchError
+from training.report import write_report
 
 NO_MODEL = "no model: pass --init DIR (a Hugging Face Llama folder, or a checkpoint or run folder of ours)"
 # Set-up mistakes: a bad key or value, a missing or unreadable file, a model that does not fit the data.
@@ -199,6 +201,8 @@ def run_stage(
             # The loader's worker processes hand the exception over as it was raised (concurrent.futures),
             # so its message is the shard's file:line and what is wrong there.
             return _fail(prog, run.unreadable.format(exc), 1)
+    if accelerator.is_main_process:
+        print(f"report: {write_report(config.train.output_dir, accelerator=accelerator)}", flush=True)
     finish_run(accelerator, result)
     return 0
 

@@ -107,8 +107,12 @@ def make_visible(model: Llama, hidden_ids: list[int]) -> None:
         model.lm_head.weight.mul_(20.0)  # clear winners: greedy ties are far below float rounding
 
 
+MODEL_NAME = "tiny-chat"
+
+
 def build_our_folder(root: Path) -> Path:
-    """A tokenizer trained here and a tiny random Llama exported with export_hf (untied head, see make_visible)."""
+    """A tokenizer trained here and a tiny random Llama exported with export_hf (untied head, see make_visible)
+    under the name MODEL_NAME, as a training run names its export."""
     root.mkdir(parents=True, exist_ok=True)
     write_shard(root / "part-test-0.jsonl.zst", training_texts())
     tokdir = train_tokenizer([str(root / "part-test-0.jsonl.zst")], 400, root / "tokenizer")
@@ -124,4 +128,4 @@ def build_our_folder(root: Path) -> Path:
         if piece.startswith("<")
     ]
     make_visible(model, hidden)
-    return export_hf(model, root / "model", tokenizer_dir=tokdir)
+    return export_hf(model, root / "model", tokenizer_dir=tokdir, name=MODEL_NAME)

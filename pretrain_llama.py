@@ -23,7 +23,7 @@ from dataset.pretrain_dataset import (
 )
 from dataset.tokenizer import token_byte_lengths
 from models.llama import ModelConfig
-from training.config import LoggingConfig, OptimConfig, TrainConfig
+from training.config import EvalConfig, LoggingConfig, OptimConfig, TrainConfig
 from training.finetune import exporter, text_sampler
 from training.objectives import CausalLMObjective
 from training.runner import Run, Stage, run_stage
@@ -50,6 +50,7 @@ class PretrainConfig:
     ours (step-N/) or a run folder; with its tokenizer unless data.tokenizer is set."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 

@@ -62,6 +62,14 @@ class KVCache:
         view.document_ids, view.lengths = self.document_ids[start:stop], self.lengths[start:stop]
         return view
 
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A new cache whose row i is a copy of row `rows[i]` of this one (keys, values, documents, length):
+        continuations of one shared prefix each go on from their own copy (evaluation/loglikelihood.py)."""
+        chosen = copy.copy(self)
+        chosen.k, chosen.v = self.k[:, rows], self.v[:, rows]
+        chosen.document_ids, chosen.lengths = self.document_ids[rows], self.lengths[rows.cpu()]
+        return chosen
+
     @property
     def length(self) -> int:
         """The rows' common length (generate()'s batches keep their rows level)."""

@@ -35,6 +35,7 @@ STAGE_CONFIGS = [
     "serve.app.ChatServerConfig",
     "preference_tuning.DPOConfig",
     "dataset.preference_preview.PreviewConfig",
+    "evaluation.evaluator.EvaluateConfig",
 ]
 DOCS_WITH_REFERENCES = sorted(path.name for path in DOCS.glob("*.md") if blocks(path.read_text("utf-8")))
 

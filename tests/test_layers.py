@@ -1,4 +1,5 @@
-"""Imports run one way: common/ -> data/ -> dataset/ -> models/ and training/ -> serve/ and the stage scripts.
+"""Imports run one way: common/ -> data/ -> dataset/ -> models/ -> evaluation/ -> training/ -> serve/ and the
+stage scripts.
 
 Every import statement of every module (function-level ones included) is read with `ast` and checked
 against the layer order written in docs/architecture.md ("Layers"): a package imports only the layers below
@@ -21,8 +22,9 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"common"},
     "dataset": {"common", "data"},
     "models": {"common"},
-    "training": {"common", "data", "dataset", "models"},
-    "serve": {"common", "data", "dataset", "models", "training"},
+    "evaluation": {"common", "data", "dataset", "models"},
+    "training": {"common", "data", "dataset", "models", "evaluation"},
+    "serve": {"common", "data", "dataset", "models", "evaluation", "training"},
 }
 PACKAGES = set(ALLOWED)
 

@@ -50,6 +50,7 @@ STAGE_COMMANDS = [
     "python preference_tuning.py --config configs/dpo/demo.yaml",
     "python dataset/preference_pairs.py",
     "python chat_server.py",
+    "python evaluate.py",
 ]
 
 
@@ -213,6 +214,7 @@ TOOLS = {  # each tool and the arguments before its --help
     "dataset/preference_pairs.py": [],
     "dataset/pretrain_dataset.py": [],
     "chat_server.py": [],
+    "evaluate.py": [],
 }
 
 

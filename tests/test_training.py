@@ -24,7 +24,10 @@ from safetensors.torch import load_file
 
 from common.config import load_config
 from data.shard_io import iter_shard_records
+from evaluation.tasks import CORE
+from models.hf import NAME_KEY
 from models.llama import Llama, ModelConfig
+from tests.helpers.eval_tasks import colour_documents, write_task
 from tests.helpers.training import (
     PYTHON,
     REPO,
@@ -285,11 +288,35 @@ def test_no_checkpoint_of_nonfinite_weights(tmp_path):
 # End to end on real text: loss falls, kill -9 and resume, kill during a checkpoint write
 
 
+def eval_section(real_data) -> dict:
+    """Downstream evaluation every 30 steps: CORE's ten task names (synthetic files) and the bits per byte of
+    the shards' held-out documents."""
+    tasks = real_data["root"] / "oe_eval_tasks"
+    if not tasks.exists():
+        for seed, name in enumerate(CORE):
+            write_task(tasks, name, "rc_5shot", colour_documents(4, seed), "acc_per_char")
+    shards = str(real_data["shards"] / "*.jsonl.zst")
+    return {
+        "tasks": ["core"],
+        "every": 30,
+        "task_dir": str(tasks),
+        "shards": [shards],
+        "validation_fraction": 0.05,
+    }
+
+
+def eval_figures(out: Path) -> dict[int, dict[str, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in records if "eval/core" in r
+    }
+
+
 @pytest.fixture(scope="module")
 def reference_run(real_data):
     """An uninterrupted 60-step run, the reference for the resumed ones."""
     out = real_data["root"] / "reference"
-    result = pretrain(run_config(real_data, out))
+    result = pretrain(run_config(real_data, out, eval=eval_section(real_data)))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -306,6 +333,17 @@ def test_loss_falls_on_real_text_and_the_run_is_complete(reference_run):
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [30, 60] and val[1]["val_loss"] < val[0]["val_loss"]
     assert val[1]["val_ppl"] == pytest.approx(math.exp(val[1]["val_loss"]))
+    # Downstream scores beside them (eval.every 30 and at the end), and a second panel in the loss curve.
+    downstream = eval_figures(reference_run)
+    assert list(downstream) == [30, 60]
+    for figures in downstream.values():
+        assert {"eval/core", "eval/arc_easy/accuracy", "eval/arc_easy/centered", "eval/bpb/pile"} <= set(
+            figures
+        )
+    assert downstream[60]["eval/bpb/pile"] < downstream[30]["eval/bpb/pile"]
+    from matplotlib.image import imread
+
+    assert imread(reference_run / "loss_curve.png").shape[0] == 2 * 4 * 110  # two rows of panels
     # Tokens per source (the training data category distribution): every row's tokens counted once.
     per_source = records[-1]["tokens_per_source"]
     assert sum(per_source.values()) == records[-1]["tokens_seen"] == 60 * 8 * 64
@@ -332,7 +370,7 @@ def test_loss_falls_on_real_text_and_the_run_is_complete(reference_run):
 
 def test_kill_9_after_a_checkpoint_then_resume_auto_is_exact(real_data, reference_run, tmp_path):
     out = tmp_path / "killed"
-    config = run_config(real_data, out)
+    config = run_config(real_data, out, eval=eval_section(real_data))
     cmd = [PYTHON, str(REPO / "pretrain_llama.py"), "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -348,6 +386,7 @@ def test_kill_9_after_a_checkpoint_then_resume_auto_is_exact(real_data, referenc
     assert f"(step {killed_at})" in result.stderr  # it did resume, from the checkpoint
     reference, resumed = losses(reference_run), losses(out)
     assert resumed == reference  # every step, before and after the kill, bit for bit
+    assert eval_figures(out) == eval_figures(reference_run)  # the downstream scores too, at the same steps
     for name, tensor in weights(reference_run / "step-60").items():
         assert torch.equal(tensor, weights(out / "step-60")[name]), name
 
@@ -388,7 +427,9 @@ def test_continued_pretraining_from_an_export_or_a_run_folder(real_data, referen
         first_losses[name] = losses(out)[1]
         assert first_losses[name] == pytest.approx(ended, abs=0.5)  # not ln(512) = 6.2: a trained model
         exported = json.loads((out / "hf" / "config.json").read_text())
-        assert exported == json.loads((reference_run / "hf" / "config.json").read_text())  # the same shape
+        original = json.loads((reference_run / "hf" / "config.json").read_text())
+        assert exported.pop(NAME_KEY) != original.pop(NAME_KEY)  # each run exports under its own name
+        assert exported == original  # the same shape
         saved = yaml.safe_load((out / "step-3" / "config.yaml").read_text())
         assert saved["init"] == str(init) and saved["data"]["tokenizer"]  # found from DIR, saved
     assert first_losses["from_hf"] == pytest.approx(first_losses["from_run"], abs=1e-5)  # the same weights

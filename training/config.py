@@ -1,4 +1,4 @@
-"""The shared loop's config sections: optimizer and schedule, the loop itself, logging.
+"""The shared loop's config sections: optimizer and schedule, the loop itself, downstream evaluation, logging.
 
 They are plain dataclasses documented field by field; the parsing (YAML file, `--section.key` overrides,
 `--help` from the field docstrings) lives in common/config.py, and a stage's run config puts them beside
@@ -20,6 +20,7 @@ from jsonargparse.typing import (
     restricted_number_type,
 )
 
+from dataset.held_out import HeldOutFraction
 from models.llama import RunOptions
 
 # train.precision -> accelerate's mixed_precision
@@ -108,6 +109,35 @@ def native_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private: absent in some builds
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Downstream tasks and bits per byte per source, scored inside the run (docs/evaluation.md): off until
+    `tasks` or `shards` names something."""
+
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    """Task names as evaluate.py takes them (`core`, `arc_easy`, `arc_easy:mc_5shot`, comma-separated or a
+    list); [] = no downstream tasks."""
+    every: NonNegativeInt = 0
+    """Score every N optimizer steps, and always at the end; 0 = only at the end."""
+    limit: NonNegativeInt = 0
+    """Score each task's first N documents (in its request file's order) and at most N documents per shard
+    source; 0 = all."""
+    batch_size: PositiveInt = 16
+    """Continuations (or text windows) per forward pass."""
+    shards: list[str] = dataclasses.field(default_factory=list)
+    """Held-out shards (globs, files or folders of part-<source>-*.jsonl.zst): bits per byte per source;
+    [] = none."""
+    validation_fraction: HeldOutFraction = 0.0
+    """Score only the shard documents the held-out rule keeps at this fraction (set it to the run's
+    data.validation_fraction to score its own held-out split of its training shards); 0 = every document."""
+    task_dir: str = ""
+    """OLMo's oe_eval_tasks folder; empty = $OPEN_LLAMA_EVAL_TASKS, else the one `make setup` extracts."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks or self.shards)
 
 
 @dataclasses.dataclass

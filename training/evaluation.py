@@ -1,16 +1,27 @@
-"""Periodic validation (the objective's loss and metrics on held-out batches) and sample generations."""
+"""Periodic validation (the objective's loss and metrics on held-out batches), downstream evaluation (tasks and
+bits per byte per source, evaluation/) and sample generations."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import gather_object
 from torch import nn
 
+from evaluation.encoding import TextEncoder, check_vocabulary
+from evaluation.evaluator import score_task
+from evaluation.metrics import ChoiceScore, core_score, task_figures
+from evaluation.tasks import CORE, Task, load_task, resolve_tasks, task_dir
+from evaluation.text_bpb import SourceBits, source_texts, text_bits
 from models.generate import generate
+from training.config import EvalConfig
 from training.objectives import Objective
 
 
@@ -75,6 +86,128 @@ class Validator:
             return {}
         means = dict(zip(names, (stacked[:-1] / stacked[-1]).tolist()))
         return {f"val_{name}": value for name, value in {**means, **objective.report(means)}.items()}
+
+
+class DownstreamEvaluator:
+    """Downstream tasks and bits per byte per source (EvalConfig) every `every` steps and at the end.
+
+    The tasks and the shard texts are read once, at set-up (a bad task name or an empty shard glob fails the
+    run before its first step). A score depends only on the weights: the evaluation draws no random numbers
+    and keeps no state, so a resumed run logs the same figures at the same steps. Each rank scores every
+    `world`-th document of each task and source and the per-document scores are gathered, so the figures are
+    those of one process; where the parameters are sharded (ZeRO-3, FSDP) forwards are collective, and every
+    rank scores everything instead.
+    """
+
+    def __init__(self, config: EvalConfig, tokenizer_folder: str | Path, *, model_vocab_size: int) -> None:
+        self.every = config.every
+        self.batch_size = config.batch_size
+        self.encoder = TextEncoder(tokenizer_folder)  # the run's tokenizer, as its Hugging Face files
+        check_vocabulary(self.encoder, model_vocab_size)
+        self.tasks: list[Task] = []
+        if config.tasks:
+            folders = resolve_tasks(config.tasks, task_dir(config.task_dir))
+            self.tasks = [load_task(name, path, config.limit) for name, path in folders.items()]
+        self.texts: dict[str, list[str]] = {}
+        if config.shards:
+            self.texts = source_texts(
+                config.shards, validation_fraction=config.validation_fraction, limit=config.limit
+            )
+            if not any(self.texts.values()):
+                fraction = config.validation_fraction
+                held = f" held out at validation_fraction {fraction}" if fraction else ""
+                raise ValueError(f"eval.shards: no documents{held} in {config.shards}")
+
+    def should_run(self, step: int, *, final: bool = False) -> bool:
+        """Due every `every` steps (0: never before the end) and at the end."""
+        return final or (self.every > 0 and step % self.every == 0)
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        """{'eval/<task>/accuracy', 'eval/<task>/centered', 'eval/<task>/bpb', 'eval/core' (when every CORE
+        task ran), 'eval/bpb/<source>'}, the same on every rank. All ranks call it."""
+        module = accelerator.unwrap_model(model)
+        if hasattr(module, "get_base_model"):  # a LoRA PeftModel: our Llama inside, adapters in place
+            module = module.get_base_model()
+        rank, world = accelerator.process_index, accelerator.num_processes
+        if _parameters_sharded(accelerator):
+            rank, world = 0, 1
+        was_training = model.training
+        model.eval()  # the LM head's loss path depends on the training flag
+        try:
+            with accelerator.autocast():
+                documents = [
+                    (task.name, index, scores, gold)
+                    for task in self.tasks
+                    for index, scores, gold in self._score(module, task, rank, world)
+                ]
+                bits = [
+                    (source, text_bits(module, self.encoder, texts[rank::world], batch_size=self.batch_size))
+                    for source, texts in self.texts.items()
+                ]
+        finally:
+            model.train(was_training)
+        if world > 1:
+            documents, bits = gather_object(documents), gather_object(bits)
+        return self._figures(documents, bits)
+
+    def _score(
+        self, module: nn.Module, task: Task, rank: int, world: int
+    ) -> list[tuple[int, list[ChoiceScore], int]]:
+        """(index in the task, its choices' scores, gold) of this rank's share of the task's documents."""
+        indices = range(rank, len(task.documents), world)
+        if not indices:
+            return []
+        share = dataclasses.replace(task, documents=[task.documents[i] for i in indices])
+        _, samples = score_task(module, self.encoder, share, batch_size=self.batch_size)
+        fields = [f.name for f in dataclasses.fields(ChoiceScore)]
+        return [
+            (
+                index,
+                [ChoiceScore(**{name: choice[name] for name in fields}) for choice in sample["choices"]],
+                sample["gold"],
+            )
+            for index, sample in zip(indices, samples)
+        ]
+
+    def _figures(self, documents: list[tuple], bits: list[tuple[str, SourceBits]]) -> dict[str, float]:
+        """The record's figures from every rank's per-document scores and per-source bits."""
+        record: dict[str, Any] = {}
+        figures: dict[str, dict[str, float]] = {}
+        for task in self.tasks:
+            # In the task's order, whichever rank scored each document: the figures are those of one process.
+            scored = sorted(
+                ((index, scores, gold) for name, index, scores, gold in documents if name == task.name),
+                key=lambda item: item[0],
+            )
+            figures[task.name] = task_figures(
+                [(scores, gold) for _, scores, gold in scored], task.normalisation
+            )
+            for key in ("accuracy", "centered", "bpb"):
+                if key in figures[task.name]:
+                    record[f"eval/{task.name}/{key}"] = figures[task.name][key]
+        core = core_score(figures, CORE)
+        if core is not None:
+            record["eval/core"] = core
+        for source in self.texts:
+            total = SourceBits()
+            for name, share in bits:
+                if name == source:
+                    total.bytes, total.bits = total.bytes + share.bytes, total.bits + share.bits
+            if total.bpb is not None:
+                record[f"eval/bpb/{source}"] = total.bpb
+        return record
+
+
+def _parameters_sharded(accelerator: Accelerator) -> bool:
+    """Whether each rank holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): forwards gather them
+    collectively, so every rank must run the same forwards."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        return zero.get("stage") == 3
+    return False
 
 
 class Sampler:

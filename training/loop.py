@@ -35,7 +35,7 @@ from training import faults
 from training.checkpoint import Checkpointer
 from training.config import LoggingConfig, OptimConfig, TrainConfig
 from training.distributed import configure_deepspeed, prepare_frozen, sum_over_ranks
-from training.evaluation import Sampler, Validator
+from training.evaluation import DownstreamEvaluator, Sampler, Validator
 from training.metrics import MetricsLogger, peak_flops_per_device, peak_memory_gib
 from training.objectives import Objective
 from training.optim import build_optimizer, build_scheduler
@@ -115,9 +115,11 @@ def train(
     val_data: Iterable[Batch] | None = None,
     frozen: Mapping[str, nn.Module] | None = None,
     sampler: Sampler | None = None,
+    downstream: DownstreamEvaluator | None = None,
     export: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
 ) -> TrainResult:
-    """Train `model` for config.train.max_steps optimizer steps; checkpoint, validate, sample, log, export.
+    """Train `model` for config.train.max_steps optimizer steps; checkpoint, validate, evaluate downstream,
+    sample, log, export.
 
     `export(state_dict, out_dir)` writes the final model in Hugging Face format (main process only).
     """
@@ -222,6 +224,8 @@ def train(
                 record[name] = sum_over_ranks(acc, counts)
         if validator.should_run(step, final=final):
             record.update(validator.run(model, objective, frozen, acc))
+        if downstream is not None and downstream.should_run(step, final=final):
+            record.update(downstream.run(model, acc))
         if sampler is not None and sampler.should_run(step, final=final):
             samples = sampler.run(model, acc)
             record["samples"] = samples
@@ -403,4 +407,6 @@ def _bar_figures(record: dict[str, Any]) -> dict[str, str]:
         bar["mem"] = f"{record['memory_gib']:.1f}G"
     if "val_loss" in record:
         bar["val"] = f"{record['val_loss']:.3f}"
+    if "eval/core" in record:
+        bar["core"] = f"{record['eval/core']:.3f}"
     return bar

@@ -202,23 +202,32 @@ def _wandb_has_api_key(wandb: Any) -> bool:
 
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
-    """Train loss (and validation loss, if any) against step, from metrics.jsonl, as a PNG."""
+    """Train loss (and validation loss, if any) against step, from metrics.jsonl, as a PNG; below it the
+    downstream scores when the run evaluated any."""
     plot_loss_curves({"": metrics_path}, out_path)
 
 
 def plot_loss_curves(runs: dict[str, Path], out_path: Path) -> None:
-    """One panel per run (titled by its key) of train and validation loss against step, from each run's
-    metrics.jsonl, side by side in one PNG, written atomically."""
+    """One column per run (titled by its key) of train and validation loss against step, from each run's
+    metrics.jsonl, side by side in one PNG, written atomically. When a run logged downstream scores (`eval/`
+    keys), a second row shows them: each task's accuracy and the CORE aggregate, and on a right-hand axis
+    the bits per byte per source."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(max(7.0, 4.5 * len(runs)), 4), squeeze=False)
-    for ax, (title, metrics_path) in zip(axes[0], runs.items(), strict=True):
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-        val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    records = {
+        title: [json.loads(line) for line in path.read_text().splitlines() if line]
+        for title, path in runs.items()
+    }
+    downstream = any(key.startswith("eval/") for rs in records.values() for r in rs for key in r)
+    rows = 2 if downstream else 1
+    fig, axes = plt.subplots(rows, len(runs), figsize=(max(7.0, 4.5 * len(runs)), 4 * rows), squeeze=False)
+    for column, (title, run) in enumerate(records.items()):
+        ax = axes[0][column]
+        train = [(r["step"], r["loss"]) for r in run if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in run if r.get("val_loss") is not None]
         if train:
             ax.plot(*zip(*train), label="train loss", linewidth=1)
         if val:
@@ -226,8 +235,43 @@ def plot_loss_curves(runs: dict[str, Path], out_path: Path) -> None:
         ax.set(title=title, xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
         ax.legend()
+        if downstream:
+            _plot_downstream(axes[1][column], run)
     fig.tight_layout()
     tmp = out_path.with_name(out_path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(out_path)
+
+
+def _series(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records if r.get(key) is not None]
+
+
+def _plot_downstream(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Each task's accuracy and CORE against step; bits per byte per source on a second axis."""
+    keys = list(dict.fromkeys(k for r in records for k in r if k.startswith("eval/")))
+    accuracies = [k for k in keys if k.endswith("/accuracy")]
+    for key in accuracies:
+        ax.plot(*zip(*_series(records, key)), "o-", label=key.split("/")[1], linewidth=1, markersize=3)
+    if "eval/core" in keys:
+        ax.plot(
+            *zip(*_series(records, "eval/core")), "o-", label="CORE (centered)", linewidth=2.5, color="black"
+        )
+    ax.set(title="downstream", xlabel="step", ylabel="accuracy (CORE: centered)")
+    ax.grid(alpha=0.3)
+    sources = [k for k in keys if k.startswith("eval/bpb/")]
+    if sources:
+        right = ax.twinx()
+        for offset, key in enumerate(sources):  # colours after the accuracies': one colour per line
+            right.plot(
+                *zip(*_series(records, key)),
+                "s--",
+                label=f"bpb {key.split('/', 2)[2]}",
+                linewidth=1,
+                color=f"C{(len(accuracies) + offset) % 10}",
+            )
+        right.set_ylabel("bits per byte")
+        right.legend(loc="upper right", fontsize="small")
+    if accuracies or "eval/core" in keys:
+        ax.legend(loc="upper left", fontsize="small")

@@ -6,7 +6,8 @@
    `check(config)`: the stage's own checks that need nothing but the config;
 2. the tokenizer (`data.tokenizer`, else the --init model's), the output folder (an unwritable one fails
    before any work), the accelerator, the starting model (`training/finetune.starting_model`: a new one or
-   --init's, checked against the tokenizer and `data.seq_len`);
+   --init's, checked against the tokenizer and `data.seq_len`), the downstream evaluation of an `eval`
+   section (its tasks and shard texts read now, so a bad name fails before any step);
 3. the stage's `build(stage)`: its data, objective, LoRA, frozen models, sampler and export, as a `Run`.
    What it opens through `stage.opened` (the data loaders) is closed whatever happens next;
 4. the shared loop (training/loop.py), then the run's report card (`report.md`, training/report.py) and its
@@ -38,8 +39,9 @@ from dataset.prepare import PreparedData, PreparedDataConfig
 from dataset.tokenizer import Tokenizer
 from models.llama import Llama
 from training.checkpoint import CheckpointError
+from training.config import EvalConfig
 from training.distributed import build_accelerator
-from training.evaluation import Sampler
+from training.evaluation import DownstreamEvaluator, Sampler
 from training.finetune import FineTuneConfig, StageConfig, starting_model
 from training.loop import NonFiniteLossError, TrainingData, finish_run, seed_everything, train
 from training.lora import add_lora, checkpoint_trainable_only
@@ -180,6 +182,7 @@ def run_stage(
             Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
             accelerator = build_accelerator(config.train)
             model = starting_model(config, tokenizer)  # config.model becomes the model's
+            downstream = downstream_evaluator(config, model)
             run = build(Stage(config, tokenizer, accelerator, model, closing))
         except SETUP_ERRORS as exc:
             return _fail(prog, exc, 2)
@@ -193,6 +196,7 @@ def run_stage(
                 val_data=run.val_data,
                 frozen=run.frozen,
                 sampler=run.sampler,
+                downstream=downstream,
                 export=run.export,
             )
         except RUN_ERRORS as exc:
@@ -205,6 +209,14 @@ def run_stage(
         print(f"report: {write_report(config.train.output_dir, accelerator=accelerator)}", flush=True)
     finish_run(accelerator, result)
     return 0
+
+
+def downstream_evaluator(config: Any, model: Llama) -> DownstreamEvaluator | None:
+    """The run's downstream evaluation (its `eval` section) with the run's tokenizer; None when off."""
+    eval_config: EvalConfig | None = getattr(config, "eval", None)
+    if eval_config is None or not eval_config.enabled:
+        return None
+    return DownstreamEvaluator(eval_config, config.data.tokenizer, model_vocab_size=model.config.vocab_size)
 
 
 def _fail(prog: str, problem: object, status: int) -> int:

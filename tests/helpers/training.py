@@ -55,7 +55,7 @@ def run_config(real_data, out: Path, **sections) -> Path:
         "logging": {"log_every": 1, "progress_bar": False, "sample_every": 0},
     }
     for section, values in sections.items():
-        config[section].update(values)
+        config.setdefault(section, {}).update(values)
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
     return path

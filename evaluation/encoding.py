@@ -8,12 +8,14 @@ token ("<s>", "<|user|>") in a task's text stays text, as everywhere in this pro
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from common.run_folder import checkpoint_folder
+from dataset.chat_template import END
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -47,6 +49,35 @@ class TextEncoder:
             raise ValueError(f"{folder}: the tokenizer does not load ({exc})") from None
         self.bos_id: int | None = self.tokenizer.bos_token_id
         self.vocab_size = len(self.tokenizer)
+        self.chat = bool(self.tokenizer.chat_template)
+        """Whether the tokenizer has a chat template: generative tasks are then asked as a user turn."""
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a generation: `</s>`, generation_config.json's eos_token_id (an export's
+        end-of-turn token) when the folder has one, and our chat format's `<|end|>` when the vocabulary has it."""
+        ids = [self.tokenizer.eos_token_id]
+        config = self.folder / "generation_config.json"
+        if config.is_file():
+            listed = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+            ids += listed if isinstance(listed, list) else [listed]
+        ids.append(self.tokenizer.convert_tokens_to_ids(END) if END in self.tokenizer.get_vocab() else None)
+        return [i for i in dict.fromkeys(ids) if isinstance(i, int)]
+
+    def prompt(self, text: str) -> list[int]:
+        """The ids a model continues to answer `text`: with a chat template, `text` as the user's turn
+        rendered by it (an assistant turn opened); else `<s>` (if any) + the text, as a context is encoded."""
+        if self.chat:
+            messages = [{"role": "user", "content": text}]
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            return list(ids)
+        return ([] if self.bos_id is None else [self.bos_id]) + self.encode([text])[0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of generated ids (special tokens dropped)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """The ids of each text, nothing added, control-token spellings split as plain text."""

@@ -1,16 +1,20 @@
 """Scoring a model on tasks and held-out text, and the results: a dict, a JSON file, a table, sample logs.
 
-`score_task(model, encoder, task)` encodes a task's requests (`<s>` + context, then the continuation encoded
-on its own, as OLMo's in-loop evaluation does), scores them (evaluation/loglikelihood.py) and gives the
-task's figures (evaluation/metrics.py) and one sample record per document. `evaluate(...)` runs a list of
-tasks and the per-source bits per byte and returns
+`task_samples(model, encoder, task)` encodes a task's requests (`<s>` + context, then the continuation encoded
+on its own, as OLMo's in-loop evaluation does), scores them (evaluation/loglikelihood.py), generates the
+answers of a `:generate` task (evaluation/generation.py) and gives one sample record per document;
+`sample_figures` turns a task's records into its figures (evaluation/metrics.py), `score_task` does both.
+`evaluate(...)` runs a list of tasks and the per-source bits per byte and returns
 
     {"model": ..., "tasks": {"arc_easy": {"accuracy", "centered", "chance", "bpb", "n", "metric"}, ...},
      "core": mean centered accuracy over CORE (null unless all ten were scored), "core_name": ...,
      "bpb": {source: bits per byte}}
 
 Each task is batched on its own, so its numbers do not depend on which other tasks run with it: the same
-model and tasks give the same numbers.
+model and tasks give the same numbers. Under several processes (`accelerate launch`) each rank scores every
+`world`-th document of each task (`score_share`) and every `world`-th text of each source, and the records
+are gathered in the task's order (`gather_shares`), so the figures are a single process's: the accuracies
+exactly, bits per byte but for float rounding. training/evaluation.py shares the work over ranks the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from common.files import write_atomic
 from dataset.held_out import HeldOutFraction
 from evaluation.encoding import TextEncoder
+from evaluation.generation import exact_match, final_answer, generate_texts
 from evaluation.loglikelihood import Request, loglikelihoods
 from evaluation.metrics import ChoiceScore, core_score, prediction, task_figures
 from evaluation.tasks import CORE, CORE_NAME, Choice, Task
@@ -45,7 +50,8 @@ class EvaluateConfig:
     """A Hugging Face Llama folder (ours or another's), or a checkpoint or run folder of ours."""
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["core"])
     """Task names, a list or comma-separated: `core` (the ten tasks of Open-Llama CORE), a task (`arc_easy`,
-    `gsm8k`: its default variant) or TASK:VARIANT (`arc_easy:mc_5shot`); [] for none (docs/evaluation.md)."""
+    `gsm8k`: its default variant) or TASK:VARIANT (`arc_easy:mc_5shot`, `gsm8k:generate`: answers generated and
+    matched exactly); [] for none (docs/evaluation.md)."""
     limit: NonNegativeInt = 0
     """Score each task's first N documents (in its request file's order), and at most N documents per shard
     source; 0 = all."""
@@ -70,6 +76,9 @@ class EvaluateConfig:
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights and activations: float32, or bfloat16 (on a GPU; log-likelihoods then differ in ~1e-2)."""
+    harness: Literal["", "lm-eval"] = ""
+    """Empty = ours; lm-eval = run lm-evaluation-harness (pip install lm-eval) on --model instead, --tasks
+    being its task names (--task_dir: a folder of its task YAMLs), reported in the same table and JSON."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,10 +94,14 @@ def task_requests(encoder: TextEncoder, choices: Sequence[Choice]) -> list[Reque
     return [Request(prefix + tuple(encoded[c.context]), tuple(ids)) for c, ids in zip(choices, continuations)]
 
 
-def score_task(
+def task_samples(
     model: Llama, encoder: TextEncoder, task: Task, *, batch_size: int = 16
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The task's figures (with its `metric`) and one sample record per document (--log-samples)."""
+) -> list[dict[str, Any]]:
+    """One sample record per document (--log-samples): each choice's log-likelihood and sizes, the prediction
+    and the gold; for a `:generate` task the generation, its extracted answer (`prediction`), the gold answer
+    string and whether they match (`correct`), beside the gold continuation's score."""
+    if not task.documents:
+        return []
     choices = [c for d in task.documents for c in d.choices]
     unconditional = [c for d in task.documents for c in d.unconditional]
     requests = task_requests(encoder, choices + unconditional)
@@ -126,7 +139,58 @@ def score_task(
                 "gold": document.gold,
             }
         )
-    return {**task_figures(documents, task.normalisation), "metric": task.metric}, samples
+    if task.generation is not None:
+        contexts = [document.choices[0].context for document in task.documents]
+        texts = generate_texts(model, encoder, contexts, task.generation, batch_size=batch_size)
+        for sample, document, text in zip(samples, task.documents, texts):
+            answer = final_answer(text)
+            assert document.answer is not None
+            correct = exact_match(answer, document.answer, task.generation.regexes_to_ignore)
+            sample.update(generation=text, prediction=answer, gold=document.answer, correct=correct)
+    return samples
+
+
+def sample_figures(task: Task, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The task's figures (with its `metric`) from its documents' sample records, in the task's order: those
+    of evaluation/metrics.py, and for a `:generate` task the exact-match accuracy beside the gold bits per byte."""
+    fields = [f.name for f in dataclasses.fields(ChoiceScore)]
+    documents = [
+        (
+            [ChoiceScore(**{name: choice[name] for name in fields}) for choice in sample["choices"]],
+            0 if task.generation is not None else sample["gold"],
+        )
+        for sample in samples
+    ]
+    figures = task_figures(documents, task.normalisation)
+    if task.generation is not None:
+        figures = {"accuracy": sum(sample["correct"] for sample in samples) / len(samples), **figures}
+    return {**figures, "metric": task.metric}
+
+
+def score_task(
+    model: Llama, encoder: TextEncoder, task: Task, *, batch_size: int = 16
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The task's figures (with its `metric`) and one sample record per document (--log-samples)."""
+    samples = task_samples(model, encoder, task, batch_size=batch_size)
+    return sample_figures(task, samples), samples
+
+
+def score_share(
+    model: Llama, encoder: TextEncoder, task: Task, rank: int, world: int, *, batch_size: int = 16
+) -> list[tuple[int, dict[str, Any]]]:
+    """(index in the task, sample record) of every `world`-th document of the task from the `rank`-th."""
+    indices = range(rank, len(task.documents), world)
+    share = dataclasses.replace(task, documents=[task.documents[i] for i in indices])
+    return list(zip(indices, task_samples(model, encoder, share, batch_size=batch_size)))
+
+
+def gather_shares(shares: list[tuple[int, dict[str, Any]]], world: int) -> list[dict[str, Any]]:
+    """Every rank's (index, record) pairs gathered (all ranks call it), as records in the task's order."""
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        shares = gather_object(shares)
+    return [sample for _, sample in sorted(shares, key=lambda item: item[0])]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,16 +207,19 @@ def evaluate(
     validation_fraction: float = 0.0,
     limit: int = 0,
     batch_size: int = 16,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The results dict (module docstring) and the sample records of every task."""
+    """The results dict (module docstring) and the sample records of every task. With `world` > 1 every rank
+    calls it, scores its share and gets the whole results."""
     model.eval()
     results: dict[str, Any] = {"model": model_name, "tasks": {}}
     samples: list[dict[str, Any]] = []
     for task in tasks:
         start = time.perf_counter()
-        figures, task_samples = score_task(model, encoder, task, batch_size=batch_size)
-        results["tasks"][task.name] = figures
-        samples += task_samples
+        scored = gather_shares(score_share(model, encoder, task, rank, world, batch_size=batch_size), world)
+        figures = results["tasks"][task.name] = sample_figures(task, scored)
+        samples += scored
         log.info("%s: %d documents in %.1f s", task.name, figures["n"], time.perf_counter() - start)
     results["core"] = core_score(results["tasks"], CORE)
     results["core_name"] = CORE_NAME
@@ -165,7 +232,18 @@ def evaluate(
             validation_fraction=validation_fraction,
             limit=limit,
             batch_size=batch_size,
+            rank=rank,
+            world=world,
         )
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            shares = gather_object(list(sources.items()))
+            sources = {source: SourceBits() for source in sources}
+            for source, share in shares:
+                total = sources[source]
+                total.documents, total.bytes = total.documents + share.documents, total.bytes + share.bytes
+                total.bits += share.bits
     results["bpb"] = {source: bits.bpb for source, bits in sources.items()}
     results["bpb_documents"] = {source: bits.documents for source, bits in sources.items()}
     return results, samples

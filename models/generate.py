@@ -10,7 +10,7 @@ padding never attends to, or is attended by, the prompt, and the prompt's positi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -153,11 +153,13 @@ def generate(
     stop_token_ids: Iterable[int] = (),
     seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[int] | list[list[int]]:
     """The new token ids (stop token excluded) for one prompt (1-D) or a left-padded batch (2-D).
 
     temperature 0 is greedy; otherwise tokens are sampled after top_k / top_p filtering, reproducibly for a
-    given seed. attention_mask (B, T) marks real tokens with 1 and left padding with 0.
+    given seed. attention_mask (B, T) marks real tokens with 1 and left padding with 0. stop: a row also ends
+    when stop(its new ids) is true (a stop string, which only the caller's tokenizer can see).
     """
     ids, single = _as_batch(input_ids)
     stops = set(stop_token_ids)
@@ -182,6 +184,7 @@ def generate(
                 finished[row] = True
             else:
                 outputs[row].append(token_id)
+                finished[row] = stop is not None and stop(outputs[row])
         if all(finished):
             break
     return outputs[0] if single else outputs

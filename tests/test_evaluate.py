@@ -20,6 +20,7 @@ import json
 import math
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,22 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 import evaluate
 from dataset.held_out import is_held_out
 from evaluation.encoding import TextEncoder
+from evaluation.generation import cut_at_stop, exact_match, final_answer, generate_texts
 from evaluation.loglikelihood import Request, loglikelihoods
-from evaluation.tasks import CORE, TaskError, load_task, resolve_tasks, task_dir
+from evaluation.tasks import CORE, Generation, TaskError, load_task, resolve_tasks, task_dir
 from evaluation.text_bpb import bits_per_byte_by_source, windows
 from models.hf import export_hf, load_hf
 from models.llama import Llama, RunOptions
-from tests.helpers.eval_tasks import COLOURS, colour_documents, write_gold_answer_task, write_task
+from tests.helpers.eval_tasks import (
+    COLOURS,
+    GSM8K_IGNORE,
+    colour_documents,
+    write_generative_task,
+    write_gold_answer_task,
+    write_task,
+)
 from tests.helpers.shards import write_shard
+from tests.helpers.training import PYTHON, REPO, env
 
 SYNTHETIC = {"syn_raw": "acc_raw", "syn_char": "acc_per_char", "syn_token": "acc_per_token"}
 
@@ -434,3 +444,161 @@ def test_olmos_task_files_load_with_olmos_metrics_and_score(our_folder, tmp_path
     results = json.loads(output.read_text())
     assert list(results["tasks"]) == [*CORE, "gsm8k"]
     assert isinstance(results["core"], float) and results["tasks"]["arc_easy"]["n"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generative tasks (gsm8k:generate) and several processes
+
+
+def test_the_final_answer_rule_on_edge_cases():
+    assert final_answer(" It takes 2 / 2 = 1 bolt. So the answer is 3.") == "3"
+    assert final_answer("She makes $1,234.50 a day") == "1234.50"  # commas between digits dropped
+    assert final_answer("5 apples\n#### 1,000 and then 7") == "1000"  # the number after the last ####
+    assert final_answer("#### 4 #### -12") == "-12"
+    assert final_answer("it was -3 degrees, then .5 more") == ".5"
+    assert final_answer("no number here ") == "no number here"
+    assert final_answer("") == ""
+    assert exact_match("$18.", "18", GSM8K_IGNORE) and exact_match("1,000", "1000", GSM8K_IGNORE)
+    assert exact_match("answer #### 7", "7", GSM8K_IGNORE)
+    assert not exact_match("18.0", "18", GSM8K_IGNORE)  # a string match, as lm-eval's and oe-eval's
+    assert not exact_match("", "18", GSM8K_IGNORE)
+    assert cut_at_stop("a 3\n\nQuestion: b", ["Question:", "\n\n"]) == "a 3"
+    assert cut_at_stop("no stop", ["Question:"]) == "no stop"
+
+
+def test_generation_equals_transformers_greedy(our_folder, stock):
+    """Our batched greedy generation of chat-templated prompts gives transformers' generate() text."""
+    hf, tokenizer = stock
+    model = load_hf(our_folder, options=RunOptions(attention_backend="sdpa"), dtype=torch.float32).eval()
+    encoder = TextEncoder(our_folder)
+    assert encoder.chat  # our export has a chat template: a prompt is a user turn
+    contexts = ["Question: 2 and 3?\nAnswer:", "Question: how many boxes hold the red ball?\nAnswer:", "Hi"]
+    generation = Generation(max_new_tokens=12, stop_sequences=(), regexes_to_ignore=())
+    ours = generate_texts(model, encoder, contexts, generation, batch_size=2)
+    for context, text in zip(contexts, ours):
+        messages = [{"role": "user", "content": context}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        out = hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=encoder.stop_ids,
+            pad_token_id=encoder.stop_ids[0],
+        )[0, len(ids) :].tolist()
+        out = [t for t in out if t not in encoder.stop_ids]
+        assert text == tokenizer.decode(out, skip_special_tokens=True)
+
+
+PROBLEMS = [
+    (f"Tom has {a} apples and finds {b} more. How many now?", str(a + b))
+    for a, b in zip(range(3, 15), range(20, 32))
+]
+
+
+def test_a_model_trained_to_answer_gsm8k_scores_exact_match(our_folder, tmp_path, capsys, tiny_model_config):
+    """A tiny model trained on `#### N` answers generates them: gsm8k:generate near 1, and 0 against wrong
+    gold answers; --log-samples holds the generation, the extracted answer and the gold."""
+    encoder = TextEncoder(our_folder)
+    end = encoder.stop_ids
+    rows = [
+        encoder.prompt(f"Question: {q}\nAnswer:") + encoder.encode([f" #### {a}"])[0] + [end[-1]]
+        for q, a in PROBLEMS
+    ]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+    torch.manual_seed(0)
+    model = Llama(tiny_model_config(vocab_size=encoder.vocab_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        loss = model(ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = export_hf(model.eval(), tmp_path / "trained", tokenizer_dir=our_folder)
+    write_generative_task(tmp_path / "right", PROBLEMS)
+    write_generative_task(tmp_path / "wrong", [(q, str(int(a) + 1)) for q, a in PROBLEMS])
+    scores = {}
+    for name in ("right", "wrong"):
+        output, samples = tmp_path / f"{name}.json", tmp_path / f"{name}.jsonl"
+        argv = [
+            "--model",
+            folder,
+            "--task_dir",
+            tmp_path / name,
+            "--tasks",
+            "gsm8k:generate",
+            "--output",
+            output,
+        ]
+        code, out, err = run_main([*argv, "--log-samples", samples], capsys)
+        assert code == 0, err
+        scores[name] = json.loads(output.read_text())["tasks"]["gsm8k:generate"]
+        lines = [json.loads(line) for line in samples.read_text().splitlines()]
+        assert len(lines) == len(PROBLEMS) and "exact_match" in out
+    assert scores["right"]["accuracy"] >= 0.9 and scores["right"]["metric"] == "exact_match", scores
+    assert scores["wrong"]["accuracy"] == 0.0 and scores["wrong"]["bpb"] > scores["right"]["bpb"], scores
+    sample = json.loads((tmp_path / "right.jsonl").read_text().splitlines()[0])
+    assert sample["gold"] == "23" and sample["prediction"] == "23" and sample["correct"] is True
+    assert "#### 23" in sample["generation"] and sample["choices"][0]["continuation"] == " #### 23"
+
+
+@pytest.mark.slow
+def test_two_processes_give_one_process_figures(our_folder, task_root, tmp_path):
+    """accelerate launch with two CPU processes: each scores a share, the main process writes the same
+    figures and samples as one process (accuracies exactly, bits per byte to float rounding)."""
+    write_generative_task(task_root, PROBLEMS[:5])
+    (tmp_path / "shards").mkdir()
+    texts = [f"The river {i} ran past the mill. " * (i + 1) for i in range(5)]
+    write_shard(tmp_path / "shards" / "part-web-00000.jsonl.zst", texts, "web")
+    runs = {}
+    for name, launcher in (
+        ("one", [PYTHON]),
+        (
+            "two",
+            [
+                str(Path(PYTHON).parent / "accelerate"),
+                "launch",
+                "--config_file",
+                str(REPO / "configs/accelerate/cpu.yaml"),
+                "--num_processes",
+                "2",
+            ],
+        ),
+    ):
+        argv = [
+            "--model",
+            our_folder,
+            "--task_dir",
+            task_root,
+            "--tasks",
+            "syn_char,syn_uncond,gsm8k:generate",
+            "--limit",
+            5,
+            "--shards",
+            tmp_path / "shards",
+            "--output",
+            tmp_path / f"{name}.json",
+            "--log-samples",
+            tmp_path / f"{name}.jsonl",
+        ]
+        cmd = [*launcher, str(REPO / "evaluate.py"), *map(str, argv)]
+        result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("exact_match") == 1  # one table: the main process's
+        runs[name] = (
+            json.loads((tmp_path / f"{name}.json").read_text()),
+            (tmp_path / f"{name}.jsonl").read_text(),
+        )
+    (one, one_samples), (two, two_samples) = runs["one"], runs["two"]
+    for task, figures in one["tasks"].items():
+        assert (
+            two["tasks"][task]["accuracy"] == figures["accuracy"] and two["tasks"][task]["n"] == figures["n"]
+        )
+        assert two["tasks"][task]["bpb"] == pytest.approx(figures["bpb"], abs=1e-6)
+    assert two["bpb"] == pytest.approx(one["bpb"], abs=1e-6) and two["bpb_documents"] == one["bpb_documents"]
+    ones, twos = ([json.loads(x) for x in s.splitlines()] for s in (one_samples, two_samples))
+    assert [(s["task"], s["id"], s["prediction"], s.get("generation")) for s in twos] == [
+        (s["task"], s["id"], s["prediction"], s.get("generation")) for s in ones
+    ]

@@ -3,7 +3,6 @@ bits per byte per source, evaluation/) and sample generations."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -16,8 +15,8 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from evaluation.encoding import TextEncoder, check_vocabulary
-from evaluation.evaluator import score_task
-from evaluation.metrics import ChoiceScore, core_score, task_figures
+from evaluation.evaluator import sample_figures, score_share
+from evaluation.metrics import core_score
 from evaluation.tasks import CORE, Task, load_task, resolve_tasks, task_dir
 from evaluation.text_bpb import SourceBits, source_texts, text_bits
 from models.generate import generate
@@ -137,9 +136,11 @@ class DownstreamEvaluator:
         try:
             with accelerator.autocast():
                 documents = [
-                    (task.name, index, scores, gold)
+                    (task.name, index, sample)
                     for task in self.tasks
-                    for index, scores, gold in self._score(module, task, rank, world)
+                    for index, sample in score_share(
+                        module, self.encoder, task, rank, world, batch_size=self.batch_size
+                    )
                 ]
                 bits = [
                     (source, text_bits(module, self.encoder, texts[rank::world], batch_size=self.batch_size))
@@ -151,25 +152,6 @@ class DownstreamEvaluator:
             documents, bits = gather_object(documents), gather_object(bits)
         return self._figures(documents, bits)
 
-    def _score(
-        self, module: nn.Module, task: Task, rank: int, world: int
-    ) -> list[tuple[int, list[ChoiceScore], int]]:
-        """(index in the task, its choices' scores, gold) of this rank's share of the task's documents."""
-        indices = range(rank, len(task.documents), world)
-        if not indices:
-            return []
-        share = dataclasses.replace(task, documents=[task.documents[i] for i in indices])
-        _, samples = score_task(module, self.encoder, share, batch_size=self.batch_size)
-        fields = [f.name for f in dataclasses.fields(ChoiceScore)]
-        return [
-            (
-                index,
-                [ChoiceScore(**{name: choice[name] for name in fields}) for choice in sample["choices"]],
-                sample["gold"],
-            )
-            for index, sample in zip(indices, samples)
-        ]
-
     def _figures(self, documents: list[tuple], bits: list[tuple[str, SourceBits]]) -> dict[str, float]:
         """The record's figures from every rank's per-document scores and per-source bits."""
         record: dict[str, Any] = {}
@@ -177,12 +159,10 @@ class DownstreamEvaluator:
         for task in self.tasks:
             # In the task's order, whichever rank scored each document: the figures are those of one process.
             scored = sorted(
-                ((index, scores, gold) for name, index, scores, gold in documents if name == task.name),
+                ((index, sample) for name, index, sample in documents if name == task.name),
                 key=lambda item: item[0],
             )
-            figures[task.name] = task_figures(
-                [(scores, gold) for _, scores, gold in scored], task.normalisation
-            )
+            figures[task.name] = sample_figures(task, [sample for _, sample in scored])
             for key in ("accuracy", "centered", "bpb"):
                 if key in figures[task.name]:
                     record[f"eval/{task.name}/{key}"] = figures[task.name][key]

@@ -81,3 +81,32 @@ def write_gold_answer_task(root: Path, task: str, variant: str, documents: list[
             line = {**_request(doc, doc_id, 0, request), "request_type": "generate_until_and_loglikelihood"}
             f.write(json.dumps({**line, "label": answer}) + "\n")
     return folder
+
+
+GSM8K_GENERATION = {"max_gen_toks": 16, "stop_sequences": ["Question:", "</s>", "<|im_end|>", "\n\n"]}
+GSM8K_IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]
+
+
+def write_generative_task(root: Path, problems: list[tuple[str, str]]) -> Path:
+    """gsm8k/gold_bpb_5shot as the wheel ships it, with made-up (question, answer) problems: one request per
+    problem whose context asks the question, whose continuation is ` #### <answer>` and whose label is the
+    answer string; the config's generation and metric kwargs as GSM8K's (fewer new tokens)."""
+    folder = root / "gsm8k" / "gold_bpb_5shot"
+    folder.mkdir(parents=True, exist_ok=True)
+    task_config = {
+        "task_name": "gsm8k",
+        "primary_metric": "bits_per_byte",
+        "generation_kwargs": GSM8K_GENERATION,
+        "metric_kwargs": {"regexes_to_ignore": GSM8K_IGNORE},
+    }
+    (folder / "config.json").write_text(json.dumps({"task_name": "gsm8k", "task_config": task_config}))
+    with gzip.open(folder / "requests.jsonl.gz", "wt", encoding="utf-8") as f:
+        for doc_id, (question, answer) in enumerate(problems):
+            doc = {"question": question, "short_answer": answer, "id": doc_id}
+            request = {"context": f"Question: {question}\nAnswer:", "continuation": f" #### {answer}"}
+            line = {**_request({**doc, "gold": 0}, doc_id, 0, request), "doc": doc}
+            f.write(
+                json.dumps({**line, "request_type": "generate_until_and_loglikelihood", "label": answer})
+                + "\n"
+            )
+    return folder

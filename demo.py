@@ -8,11 +8,15 @@
     6 pairs       preference pairs from the dialogues, dataset/preference_pairs.py -> <out>/dpo/pairs.jsonl
     7 dpo         preference tuning (DPO) on the pairs, configs/dpo/demo.yaml   -> <out>/dpo/hf
     8 samples     the exports answer through stock transformers (the chat ones through the chat template)
-    9 chat        python chat_server.py --model <out>/dpo/hf on http://127.0.0.1:7860
+    9 evaluate    the three exports on Open-Llama CORE (evaluate.py's tasks, the first documents of each) and
+                  bits per byte per source of the held-out text -> <out>/<stage>/evaluation.json, put into
+                  each stage's report.md and its export's model card (README.md)
+   10 chat        python chat_server.py --model <out>/dpo/hf on http://127.0.0.1:7860
 
 It ends with a table of every step (validation loss, bits per byte, reward accuracy, tokens/s, wall time,
-outputs) and the loss curves of the three training stages in <out>/loss_curves.png, then serves the chat
-model until Ctrl-C.
+outputs), the three evaluations side by side, the loss curves of the three training stages in
+<out>/loss_curves.png and the whole pipeline's report in <out>/report.md (each stage's figures, the
+evaluations, links to the stages' own reports), then serves the chat model until Ctrl-C.
 
 Each step is skipped when its output was made from the same inputs (a stamp of their digests and the
 options lies beside it; a changed input redoes the step from scratch) and continues when it was
@@ -64,7 +68,8 @@ SCRIPTS = {
     "dpo": REPO / "preference_tuning.py",
     "pairs": REPO / "dataset" / "preference_pairs.py",
 }
-STEPS = 9
+STEPS = 10
+STAGES = ("pretrain", "sft", "dpo")
 TEXT_PROMPTS = ["ROMEO:", "To be, or not", "风："]
 CHAT_PROMPTS = ["Hello", "Hi, how are you?", "What is your name?", "Tell me a joke", "你好"]
 
@@ -72,6 +77,12 @@ CHAT_PROMPTS = ["Hello", "Hi, how are you?", "What is your name?", "Tell me a jo
 # steps of 8 x 128 tokens of pretraining, then short instruction and preference tuning runs (the models
 # say little worth reading; the point is that every step runs). The full demo uses the demo.yaml presets
 # as written.
+# The evaluation scores each CORE task's first EVAL_LIMIT documents and as many held-out documents per
+# source: about 60 s for the three exports on two quiet cores and 20 s with DEMO_FAST (docs/benchmarks.md),
+# within the 2.5 minutes that the slower CPUs' 20 minutes leave. At these counts a score moves by a few
+# points between models of the same quality: the table shows where the models stand, not a benchmark.
+EVAL_LIMIT = 15 if FAST else 100
+EVAL_SHOWN = ("arc_easy", "hellaswag", "piqa", "sciq")  # the closing table's task rows; report.md has all ten
 TOKENIZER_VOCAB = 8000  # the Chinese dictionary text needs ~5k distinct characters at full coverage
 TOKENIZER_SAMPLE_BYTES = (4 if FAST else 64) << 20
 FAST_OVERRIDES = {
@@ -122,9 +133,11 @@ def file_sha256(path: Path) -> str:
 
 
 def folder_sha256(folder: Path) -> str:
-    """One digest of a folder's files (names and contents): an exported model as the next stage's input."""
+    """One digest of a folder's files (names and contents): an exported model as the next stage's input.
+    The model card (README.md) is left out: the evaluation step rewrites it with the scores, and the model
+    is the same."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
         digest.update(f"{path.relative_to(folder)}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
@@ -413,6 +426,200 @@ def step_samples(steps: list[Step], text_model: Path, chat_model: Path) -> None:
     steps.append(Step("samples", time.perf_counter() - start, out, note, up_to_date=up_to_date))
 
 
+def evaluate_export(hf_dir: Path, tasks: list, shards: Path, validation_fraction: float) -> dict:
+    """evaluate.py's scoring of one export, in this process (each evaluate.py would import torch again)."""
+    import torch
+
+    from evaluation.encoding import TextEncoder, check_vocabulary, tokenizer_folder
+    from evaluation.evaluator import evaluate
+    from models.llama import RunOptions
+    from training.pretrained import load_initial_model
+
+    encoder = TextEncoder(tokenizer_folder(hf_dir))
+    model = load_initial_model(str(hf_dir), options=RunOptions(attention_backend="sdpa"))
+    check_vocabulary(encoder, model.config.vocab_size)
+    with torch.inference_mode():
+        results, _ = evaluate(
+            model,
+            encoder,
+            tasks,
+            model_name=str(hf_dir),
+            shards=[str(shards / "*.jsonl.zst")],
+            validation_fraction=validation_fraction,
+            limit=EVAL_LIMIT,
+        )
+    return results
+
+
+def step_evaluate(steps: list[Step], shards: Path) -> dict[str, dict]:
+    """The three exports on Open-Llama CORE and on the held-out text; each result goes into its stage's
+    report.md and model card. Returns {stage: evaluate.py's result}; empty without the task files."""
+    import torch
+    import yaml
+
+    from evaluation.tasks import TaskError, load_task, resolve_tasks, task_dir
+    from training.report import add_evaluation
+
+    banner(
+        9,
+        f"evaluation: Open-Llama CORE (first {EVAL_LIMIT} documents of each task) and bits per byte of the "
+        "held-out text",
+    )
+    start = time.perf_counter()
+    try:
+        folder = task_dir()
+    except TaskError as exc:
+        print(f"no evaluation: {exc}")
+        steps.append(
+            Step("evaluate", time.perf_counter() - start, OUT / "report.md", "skipped: no task files")
+        )
+        return {}
+    # The held-out documents of pretraining's own rule: text none of the three models was trained on.
+    validation_fraction = yaml.safe_load(CONFIGS["pretrain"].read_text())["data"]["validation_fraction"]
+    # Two threads whatever the samples step left (it decodes on one): batched scoring of the tiny model runs
+    # about twice as fast on two quiet cores (docs/benchmarks.md), and more would not help it.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    tasks = None
+    results, made = {}, []
+    for name in STAGES:
+        hf_dir, out = OUT / name / "hf", OUT / name / "evaluation.json"
+        stamp = OUT / name / "evaluation.inputs.json"
+        inputs = {
+            "model": folder_sha256(hf_dir),
+            "shards": file_sha256(shards / "manifest.json"),
+            "tasks": "core",
+            "limit": EVAL_LIMIT,
+            "validation_fraction": validation_fraction,
+        }
+        if out.exists() and read_stamp(stamp) == inputs:
+            print(f"up to date: {out}")
+        else:
+            stamp.unlink(missing_ok=True)  # written once the result is
+            if tasks is None:
+                tasks = [
+                    load_task(t, path, EVAL_LIMIT) for t, path in resolve_tasks(["core"], folder).items()
+                ]
+            with ticking(f"evaluating {name}"):
+                result = evaluate_export(hf_dir, tasks, shards, validation_fraction)
+            write_atomic(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+            write_stamp(stamp, inputs)
+            made.append(name)
+        results[name] = json.loads(out.read_text())
+        # Every time, not only when scored: a stage trained again rewrote its report without the scores.
+        add_evaluation(OUT / name, results[name])
+    note = (
+        "CORE "
+        + " / ".join(_figure(results[name].get("core")) for name in STAGES)
+        + " ("
+        + "/".join(STAGES)
+        + ")"
+    )
+    steps.append(Step("evaluate", time.perf_counter() - start, OUT / "report.md", note, up_to_date=not made))
+    return results
+
+
+def _figure(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def evaluation_rows(results: dict[str, dict], *, all_tasks: bool = False) -> list[tuple[str, list[str]]]:
+    """The evaluations side by side: (figure, one value per stage) for CORE, the tasks' accuracies (a few,
+    or `all_tasks`) and each held-out source's bits per byte."""
+    rows = [("CORE (centered)", [_figure(results[name].get("core")) for name in STAGES])]
+    for task in list(results["pretrain"]["tasks"]) if all_tasks else EVAL_SHOWN:
+        rows.append(
+            (
+                f"{task} accuracy",
+                [_figure(results[name]["tasks"].get(task, {}).get("accuracy")) for name in STAGES],
+            )
+        )
+    sources = sorted({source for name in STAGES for source in results[name].get("bpb") or {}})
+    for source in sources:
+        rows.append((f"bits/byte {source}", [_figure(results[name]["bpb"].get(source)) for name in STAGES]))
+    return rows
+
+
+def print_evaluation(results: dict[str, dict]) -> None:
+    if not results:
+        return
+    documents = max(t["n"] for t in results["pretrain"]["tasks"].values())
+    print(f"\nevaluation ({documents} documents per task; chance is CORE 0):")
+    print(f"{'':<22} " + " ".join(f"{name:>9}" for name in STAGES))
+    for label, values in evaluation_rows(results):
+        print(f"{label:<22} " + " ".join(f"{value:>9}" for value in values))
+
+
+def write_pipeline_report(steps: list[Step], results: dict[str, dict]) -> Path:
+    """OUT/report.md: the whole pipeline on one page (each training stage's figures from its report.json,
+    the evaluations side by side, links to the stages' own reports)."""
+    import datetime
+
+    times = read_stamp(OUT / "step-times.json") or {}
+    written = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    links = ", ".join(f"[{name}]({name}/report.md)" for name in STAGES)
+    lines = [
+        f"# The Open-Llama demo{' (DEMO_FAST)' if FAST else ''}: the whole pipeline",
+        "",
+        f"Written by demo.py (`make demo`), {written}. Each training stage's own report: {links}; the exports "
+        "(`<stage>/hf`) carry the same figures in their model cards. Loss curves: [loss_curves.png](loss_curves.png).",
+        "",
+        "## Steps",
+        "",
+        "| step | time | result | output |",
+        "|---|---|---|---|",
+    ]
+    for step in steps:
+        took = times.get(step.name)
+        output = step.output.relative_to(OUT) if step.output.is_relative_to(OUT) else step.output
+        lines.append(f"| {step.name} | {_figure(took, 1)} s | {step.result} | `{output}` |")
+    lines += [
+        "",
+        "## Training stages",
+        "",
+        "| stage | model | parameters | steps | tokens | time | tokens/s | validation loss | bits per byte | reward accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in STAGES:
+        path = OUT / name / "report.json"
+        if not path.exists():
+            continue
+        facts = json.loads(path.read_text())
+        train, val = facts.get("training") or {}, facts.get("validation") or {}
+        parameters = (facts.get("model") or {}).get("parameters")
+        row = [
+            f"[{facts['stage']}]({name}/report.md)",
+            facts["name"],
+            f"{parameters:,}" if parameters else "-",
+            f"{train['steps']:,}" if train.get("steps") else "-",
+            f"{train['tokens']:,}" if train.get("tokens") else "-",
+            f"{_figure(train.get('seconds'), 0)} s",
+            f"{train['tokens_per_s']:,.0f}" if train.get("tokens_per_s") else "-",
+            _figure(val.get("loss")),
+            _figure(val.get("bpb")),
+            _figure(val.get("reward_accuracy")),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Evaluation", ""]
+    if results:
+        lines += [
+            f"Open-Llama CORE: the mean centered accuracy of ten tasks (0 is chance, 1 every answer right), each "
+            f"at its first {EVAL_LIMIT} documents, and bits per byte of up to {EVAL_LIMIT} held-out documents "
+            "per source (docs/evaluation.md says how to read them). Each stage's report has its full table.",
+            "",
+            "| | " + " | ".join(STAGES) + " |",
+            "|---|" + "---|" * len(STAGES),
+        ]
+        lines += [
+            f"| {label} | " + " | ".join(values) + " |"
+            for label, values in evaluation_rows(results, all_tasks=True)
+        ]
+    else:
+        lines.append("Not evaluated: the task files are absent (`make setup` extracts them).")
+    path = OUT / "report.md"
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
 def print_table(steps: list[Step], seconds: float) -> None:
     """The closing table. A step that was up to date shows, marked with *, the wall time of the run that made
     it (kept in OUT/step-times.json)."""
@@ -450,9 +657,10 @@ def health(url: str) -> str:
 
 def serve(model: Path) -> int:
     """The chat server in the foreground until Ctrl-C (or until it stops by itself)."""
-    banner(9, "chat: the final model in the chat server (a chat page and an OpenAI-compatible API)")
+    banner(10, "chat: the final model in the chat server (a chat page and an OpenAI-compatible API)")
+    # No --model_name: the server calls the model by the name its export records, the run's (demo-dpo), as
+    # its model card and report.md do.
     command = [sys.executable, str(REPO / "chat_server.py"), "--model", str(model), "--port", str(PORT)]
-    command += ["--model_name", "open-llama-demo"]  # rather than the folder's name, "hf"
     server = subprocess.Popen(command, cwd=REPO, preexec_fn=kill_with_parent())
     url = f"http://127.0.0.1:{PORT}"
     try:
@@ -495,6 +703,7 @@ def main() -> int:
         pairs = step_pairs(steps, chats)
         chat_model = step_dpo(steps, sft_model, pairs)
         step_samples(steps, pretrained, chat_model)
+        results = step_evaluate(steps, shards)
     except subprocess.CalledProcessError as exc:
         print(
             f"demo: a step failed (exit {exc.returncode}); run `make demo` again to continue", file=sys.stderr
@@ -505,7 +714,9 @@ def main() -> int:
     plot = OUT / "loss_curves.png"
     plot_loss_curves({name: OUT / name / "metrics.jsonl" for name in ("pretrain", "sft", "dpo")}, plot)
     print_table(steps, time.perf_counter() - wall)
-    print(f"\nloss curves: {plot}")
+    print_evaluation(results)
+    report = write_pipeline_report(steps, results)
+    print(f"\nloss curves: {plot}\nthe whole pipeline: {report}")
     if not SERVE:
         print(f"DEMO_SERVE=0: no chat server; start one with  python chat_server.py --model {chat_model}")
         return 0

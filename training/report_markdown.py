@@ -152,15 +152,52 @@ _LABELS = {"loss": "loss", "ppl": "perplexity", "bpb": "bits per byte"}
 
 
 def _evaluation_lines(facts: dict[str, Any], *, card: bool = False) -> list[str]:
+    """evaluate.py's result when one was added, then the training loop's last scores when it logged any."""
     result = facts.get("evaluation")
-    if not result:
-        if card:
-            return ["Not evaluated on downstream tasks yet (`python evaluate.py --model PATH`)."]
+    in_loop = facts.get("in_loop_evaluation") or {}
+    if result:
+        lines = _offline_lines(result)
+    elif card:
+        lines = ["Not evaluated on downstream tasks yet (`python evaluate.py --model PATH`)."]
+    else:
         command = EVALUATE_HINT.format(hf=Path(facts["run_dir"]) / "hf", run=facts["run_dir"])
-        return [
+        lines = [
             f"Not evaluated yet: `{command}`; `training.report.add_evaluation(RUN_DIR, result)` then puts its "
             "result here and in the model card."
         ]
+    if in_loop:
+        lines += ["", f"In the training loop (`eval.tasks`), at step {in_loop['step']}:", ""]
+        lines += _in_loop_lines(in_loop)
+    return lines
+
+
+def _in_loop_lines(in_loop: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    tasks = in_loop.get("tasks") or {}
+    if tasks:
+        lines += _table(
+            ["task", "accuracy", "centered", "gold bits per byte"],
+            [
+                [
+                    name,
+                    _num(t.get("accuracy"), ".4f"),
+                    _num(t.get("centered"), ".4f"),
+                    _num(t.get("bpb"), ".4f"),
+                ]
+                for name, t in tasks.items()
+            ],
+        )
+    if in_loop.get("core") is not None:
+        lines.append(f"\nCORE (mean centered accuracy): {_num(in_loop['core'], '.4f')}")
+    if in_loop.get("bpb"):
+        lines.append(
+            "\nBits per byte by source: "
+            + ", ".join(f"{s} {_num(v, '.4f')}" for s, v in in_loop["bpb"].items())
+        )
+    return lines
+
+
+def _offline_lines(result: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     tasks = result.get("tasks") or {}
     if tasks:

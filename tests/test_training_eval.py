@@ -22,7 +22,7 @@ import torch
 
 from evaluation.encoding import TextEncoder
 from evaluation.evaluator import evaluate
-from evaluation.tasks import load_task, resolve_tasks
+from evaluation.tasks import CORE, load_task, resolve_tasks
 from models.llama import Llama
 from tests.helpers.eval_tasks import colour_documents, write_gold_answer_task, write_task
 from tests.helpers.model import tiny_model_config
@@ -33,18 +33,7 @@ from training.distributed import build_accelerator
 from training.evaluation import DownstreamEvaluator
 from training.loop import _bar_figures
 
-CORE_TASKS = [
-    "arc_easy",
-    "arc_challenge",
-    "boolq",
-    "csqa",
-    "hellaswag",
-    "openbookqa",
-    "piqa",
-    "sciq",
-    "socialiqa",
-    "winogrande",
-]
+CORE_TASKS = list(CORE)  # synthetic task files under CORE's names, so `eval/core` is logged
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if state.is_main_process:
         print(format_table(results))
+    # A process group left to the interpreter's exit can abort it ("terminate called without an active
+    # exception": gloo's threads outlive it).
+    state.destroy_process_group()
     return 0
 
 

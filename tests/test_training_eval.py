@@ -129,6 +129,7 @@ DRIVER = textwrap.dedent(
     rank, world = accelerator.process_index, accelerator.num_processes
     with open(f"{out}/{world}-{rank}.json", "w") as f:
         json.dump(record, f)
+    accelerator.end_training()  # destroys the process group, as the training loop does: else exit can abort
     """
 )
 

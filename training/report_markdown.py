@@ -187,14 +187,7 @@ def _in_loop_lines(in_loop: dict[str, Any]) -> list[str]:
                 for name, t in tasks.items()
             ],
         )
-    if in_loop.get("core") is not None:
-        lines.append(f"\nCORE (mean centered accuracy): {_num(in_loop['core'], '.4f')}")
-    if in_loop.get("bpb"):
-        lines.append(
-            "\nBits per byte by source: "
-            + ", ".join(f"{s} {_num(v, '.4f')}" for s, v in in_loop["bpb"].items())
-        )
-    return lines
+    return lines + _core_and_bpb_lines(in_loop)
 
 
 def _offline_lines(result: dict[str, Any]) -> list[str]:
@@ -214,12 +207,18 @@ def _offline_lines(result: dict[str, Any]) -> list[str]:
                 for name, t in tasks.items()
             ],
         )
-    if result.get("core") is not None:
-        lines.append(f"\nCORE (mean centered accuracy): {_num(result['core'], '.4f')}")
-    if result.get("bpb"):
+    return lines + _core_and_bpb_lines(result)
+
+
+def _core_and_bpb_lines(scores: dict[str, Any]) -> list[str]:
+    """The CORE line and bits per byte by source, for in-loop and offline scores alike."""
+    lines = []
+    if scores.get("core") is not None:
+        lines.append(f"\nCORE (mean centered accuracy): {_num(scores['core'], '.4f')}")
+    if scores.get("bpb"):
         lines.append(
             "\nBits per byte by source: "
-            + ", ".join(f"{s} {_num(v, '.4f')}" for s, v in result["bpb"].items())
+            + ", ".join(f"{s} {_num(v, '.4f')}" for s, v in scores["bpb"].items())
         )
     return lines
 

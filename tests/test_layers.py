@@ -115,3 +115,36 @@ def test_no_test_module_imports_another_test_module():
     assert not bad, "import fixtures from tests/conftest.py and helpers from tests/helpers/:\n" + "\n".join(
         bad
     )
+
+
+def module_imports(path: Path) -> set[str]:
+    """The project modules (`package.module`) that `path` imports, function-level imports and those under
+    `if TYPE_CHECKING:` included (a type-only import is a dependency a reader follows all the same)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_no_import_cycle_within_a_package(package):
+    """A newcomer can read a package's modules in an order in which each needs only the ones before it."""
+    names = {f"{package}.{p.stem}": p for p in sorted((REPO / package).glob("*.py")) if p.stem != "__init__"}
+    graph = {name: module_imports(path) & set(names) - {name} for name, path in names.items()}
+    done: set[str] = set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in trail:
+            pytest.fail("import cycle: " + " -> ".join([*trail[trail.index(name) :], name]))
+        if name in done:
+            return
+        for imported in sorted(graph[name]):
+            visit(imported, [*trail, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])

@@ -82,7 +82,7 @@ def test_the_report_has_every_section_with_the_runs_figures(run):
     assert report.startswith("# demo-pretrain: pretraining report")
     # Data: the manifest's counts, what the stream counted.
     manifest = run.parents[2] / "shards" / "manifest.json"
-    assert "| pile | 42 | 40 | 1 | 1 | 0 |" in report, report
+    assert "| pile | 42 | 40 | 1 | 0 | 0 | 1 | 0 |" in report, report
     assert "- tokens per source (trained): pile 600, wudao 424" in report
     # Training and validation: metrics.jsonl's last records.
     assert "- steps: 2 of 2" in report and "- tokens: 1,024" in report

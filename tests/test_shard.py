@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +25,7 @@ import zstandard
 from data.shard import DROP_REASONS, LINES_PER_SHARD, shard_inputs
 from data.shard import main as shard_main
 from data.shard_io import ShardError, iter_shard_records
+from tests.helpers.shards import make_corpus, shard_hashes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,11 +53,6 @@ def read_docs(output_dir: Path) -> list[dict]:
     manifest = json.loads((output_dir / "manifest.json").read_text())
     assert sorted(s["name"] for s in manifest["shards"]) == sorted(p.name for p in output_dir.glob("part-*"))
     return [r for s in manifest["shards"] for r in iter_shard_records(output_dir / s["name"])]
-
-
-def shard_hashes(output_dir: Path) -> dict[str, str]:
-    files = [*sorted(output_dir.glob("part-*.jsonl.zst")), output_dir / "manifest.json"]
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -421,20 +418,6 @@ def test_memory_does_not_grow_with_input_size(tmp_path):
 # --- resume, idempotence, determinism --------------------------------------------------------------
 
 
-def make_corpus(root: Path) -> list[Path]:
-    """Three inputs of different formats with duplicates within and across files."""
-    root.mkdir()
-    a = write_jsonl(root / "a.jsonl.zst", [{"text": f"alpha {i % 900}"} for i in range(1000)], "zst")
-    b = write_jsonl(
-        root / "b.jsonl.gz", [{"text": f"alpha {i}" if i % 7 == 0 else f"beta {i}"} for i in range(800)], "gz"
-    )
-    c = root / "c.json"
-    c.write_text(
-        json.dumps([{"title": f"t{i}", "content": f"gamma {i}", "dataType": "x"} for i in range(700)])
-    )
-    return [a, b, c]
-
-
 def test_idempotent_rerun_and_workers_determinism(tmp_path):
     inputs = make_corpus(tmp_path / "in")
     one = shard_inputs(inputs, tmp_path / "w1", lines_per_shard=128, workers=1)
@@ -465,9 +448,12 @@ def test_kill_9_and_rerun_gives_the_same_shards(tmp_path, workers, kill_when):
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # so the kill reaches the worker processes too
     )
-    pattern = ".shard-state/work/*.jsonl.zst" if kill_when == "work" else "part-*.jsonl.zst"
+    # "work": once the first input's task is complete (datatrove's completion marker) and others are under
+    # way; "final": once three shards have their final names.
+    pattern = ".shard-state/logs/read/completions/*" if kill_when == "work" else "part-*.jsonl.zst"
+    enough = 1 if kill_when == "work" else 3
     deadline = time.monotonic() + 60
-    while len(list(out.glob(pattern))) < 3 and process.poll() is None and time.monotonic() < deadline:
+    while len(list(out.glob(pattern))) < enough and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, "the job finished before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
@@ -481,7 +467,7 @@ def test_kill_9_and_rerun_gives_the_same_shards(tmp_path, workers, kill_when):
     assert shard_hashes(out) == reference
     assert not (out / ".shard-state").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
-    # The rerun's MB/s covers only what it read itself, not what the killed run had sharded.
+    # The rerun's MB/s covers only what it read itself, not the inputs the killed run had finished.
     assert "MB of it read by this run" in result.stdout + result.stderr
 
 
@@ -542,3 +528,97 @@ def test_json_lines_read_as_a_json_array_says_which_format_it_is(tmp_path):
     summary = shard_inputs([src], tmp_path / "out", fmt="wudao")
     [entry] = summary.manifest["inputs"]
     assert entry["status"] == "error" and "use --format jsonl (or pile)" in entry["error"]
+
+
+# --- near duplicates and removed documents ------------------------------------------------------------
+
+
+def _variant(text: str, kind: int, rng) -> str:
+    """A near-duplicate of `text`: a few words changed, the lines re-wrapped, or a header added."""
+    if kind == 0:
+        chinese = sum("\u4e00" <= c <= "\u9fff" for c in text) > len(text) / 3
+        units = list(text) if chinese else text.split(" ")
+        for i in rng.sample(range(len(units)), 3):
+            units[i] = "变" if chinese else "changed"
+        return "".join(units) if chinese else " ".join(units)
+    if kind == 1:
+        return textwrap.fill(text.replace("\n", " "), 60, break_long_words=False)
+    return f"Retrieved from the archive on 2024-05-01 by a crawler\n\n{text}"
+
+
+def test_near_duplicates_removed_from_the_real_corpus(shared_corpus, tmp_path):
+    """Near-duplicates planted in real text (The Pile and WuDao): at least 90% removed, and no more than 1%
+    of the distinct documents with them."""
+    import random
+
+    raw = shared_corpus / "raw"
+    # The distinct documents: the corpus with its own exact and near duplicates removed.
+    distinct = shard_inputs([raw / "pile", raw / "wudao"], tmp_path / "distinct", workers=2, near_dedup=True)
+    assert distinct.totals["near_duplicate"] > 0  # the corpus has some (templated help pages, quotes)
+    docs = read_docs(tmp_path / "distinct")
+    rng = random.Random(0)
+    # Documents long enough for 5-grams to mean something (a Chinese ideograph counts as a word).
+    candidates = [i for i, d in enumerate(docs) if 300 <= len(d["text"]) <= 20_000]
+    planted = rng.sample(candidates, 300)
+    corpus = tmp_path / "planted.jsonl"
+    variants = {}
+    with open(corpus, "w") as fh:
+        for i, doc in enumerate(docs):
+            fh.write(json.dumps({"text": doc["text"], "id": i}, ensure_ascii=False) + "\n")
+        for n, i in enumerate(planted):
+            variants[i] = _variant(docs[i]["text"], n % 3, rng)
+            fh.write(json.dumps({"text": variants[i], "id": f"v{i}"}, ensure_ascii=False) + "\n")
+    summary = shard_inputs(
+        [corpus], tmp_path / "out", workers=2, near_dedup=True, keep_removed=tmp_path / "removed"
+    )
+    kept = {d["meta"]["id"] for d in read_docs(tmp_path / "out")}
+    caught = sum((i in kept) != (f"v{i}" in kept) for i in planted)
+    assert caught >= 0.9 * len(planted), caught
+    lost = [i for i in range(len(docs)) if i not in planted and i not in kept]
+    assert len(lost) <= 0.01 * len(docs), len(lost)
+    # Every removed document is kept aside with its reason, and the counts agree.
+    assert summary.totals["near_duplicate"] == len(docs) + len(planted) - len(kept)
+    removed = list(iter_shard_records(tmp_path / "removed" / "near_duplicate" / "planted-00000.jsonl.zst"))
+    assert len(removed) == summary.totals["near_duplicate"]
+    assert {r["reason"] for r in removed} == {"near_duplicate"}
+    assert {r["meta"]["id"] for r in removed}.isdisjoint(kept)
+
+
+def test_manifest_counts_every_step_per_source_and_keeps_removed(tmp_path):
+    """Exact duplicates across inputs, length drops and malformed lines: counted per input, per source and in
+    total; --keep-removed holds each removed document under its reason."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in ["one", "two", "one", "", "x" * 50]])
+    b = write_bytes(tmp_path / "b.jsonl", b'{"text": "two"}\n{bad\n{"text": "three"}\n')
+    summary = shard_inputs([a, b], tmp_path / "out", max_chars=20, keep_removed=tmp_path / "removed")
+    manifest = summary.manifest
+    assert [d["text"] for d in read_docs(tmp_path / "out")] == ["one", "two", "three"]
+    assert {
+        k: manifest["sources"]["a"][k] for k in ("records", "documents", "duplicate", "empty", "too_long")
+    } == {
+        "records": 5,
+        "documents": 2,
+        "duplicate": 1,
+        "empty": 1,
+        "too_long": 1,
+    }
+    assert {k: manifest["sources"]["b"][k] for k in ("records", "documents", "duplicate", "malformed")} == {
+        "records": 3,
+        "documents": 1,
+        "duplicate": 1,
+        "malformed": 1,
+    }
+    t = manifest["totals"]
+    assert t["records"] - t["documents"] == sum(t[r] for r in DROP_REASONS)
+    assert t["bytes_out"] == sum(s["bytes"] for s in manifest["shards"]) > 0
+    removed = {}
+    for path in sorted((tmp_path / "removed").rglob("*.jsonl.zst")):
+        removed.setdefault(path.parent.name, []).extend(
+            (r["text"], r["reason"], r["where"]) for r in iter_shard_records(path)
+        )
+    # The first copy in input order is kept: the later "one" of a and the "two" of b are removed.
+    assert sorted(removed["duplicate"]) == [
+        ("one", "duplicate", "part-a-00000-00000.jsonl.zst:3"),
+        ("two", "duplicate", "part-b-00001-00000.jsonl.zst:1"),
+    ]
+    assert "manifest" not in {p.name for p in (tmp_path / "removed").iterdir()}
+    assert "near_duplicate: " not in summary.format() and "duplicate 2" in summary.format()

@@ -192,6 +192,10 @@ def _shards_in(folder: Path) -> list[Path]:
 
 
 def _manifest_sources(manifest: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per source: records, documents, and what was removed (the manifest's own per-source counts; older
+    manifests only had them per input)."""
+    if "sources" in manifest:
+        return {name: {k: int(v) for k, v in counts.items()} for name, counts in manifest["sources"].items()}
     counts = (
         "records",
         "documents",

@@ -6,6 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from data.curation import FILTERS
+
+CURATION_REASONS = ("language", *FILTERS)
+
 LICENSE = "mit"  # the project's (LICENSE); a run on data with other terms should say so in its card
 SAMPLE_DOCS = 200  # documents of each source whose bytes per token the report measures
 EVALUATE_HINT = "python evaluate.py --model {hf} --output {run}/evaluation.json"
@@ -50,6 +54,8 @@ def _data_lines(facts: dict[str, Any]) -> list[str]:
                         "records",
                         "documents",
                         "duplicates dropped",
+                        "near-duplicates",
+                        "filtered (language, quality)",
                         "malformed lines",
                         "invalid UTF-8",
                     ],
@@ -59,6 +65,8 @@ def _data_lines(facts: dict[str, Any]) -> list[str]:
                             _num(s["records"]),
                             _num(s["documents"]),
                             _num(s["duplicate"]),
+                            _num(s.get("near_duplicate", 0)),
+                            _num(sum(s.get(k, 0) for k in CURATION_REASONS)),
                             _num(s["malformed"]),
                             _num(s["invalid_utf8"]),
                         ]

@@ -85,8 +85,12 @@ class ShardOptions:
             raise ShardingError("--max-chars must be at least 1 and at least --min-chars")
         if self.source is not None and (not self.source or SOURCE_CHARS.search(self.source)):
             raise ShardingError(f"--source {self.source!r}: use letters, digits, '_', '.' and '-' only")
-        if self.language_model is not None and not Path(self.language_model).is_file():
-            raise ShardingError(f"--language-model {self.language_model}: no such file")
+        from data.curation import Curation
+
+        try:  # curation checks its own options (a model without languages, a missing model file)
+            Curation(self.filters, self.languages, self.pii, self.language_model)
+        except ValueError as exc:
+            raise ShardingError(str(exc)) from exc
         near = self.near_dedup
         if near is not None and min(near.n_grams, near.buckets, near.hashes_per_bucket) < 1:
             raise ShardingError(

@@ -208,7 +208,7 @@ class ShardConfig:
     """Drop exact duplicate documents across the corpus, the first copy in input order kept (signatures on
     disk: memory does not grow with the corpus; --no-dedup: keep them)."""
     near_dedup: bool = False
-    """Drop near-duplicate documents (MinHash over word 5-grams; Chinese segmented into words with jieba)."""
+    """Drop near-duplicate documents (MinHash over word 5-grams; a Chinese ideograph counts as a word)."""
     near_dedup_ngrams: int = 5
     """--near-dedup: words per n-gram."""
     near_dedup_buckets: int = 14

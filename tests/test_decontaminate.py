@@ -64,8 +64,8 @@ def test_normalisation_matches_the_janitor_rule():
     assert set(ngram_hashes(["The QUICK, brown fox!"], 3)[0]) == set(
         ngram_hashes(["the quick brown (fox)"], 3)[0]
     )
-    hashes, owners, _ = ngram_hashes(["one two", "three four"], 3)
-    assert len(hashes) == len(owners) == 0
+    spanning = ngram_hashes(["one two", "three four"], 3)
+    assert len(spanning.hashes) == len(spanning.owners) == 0
 
 
 def test_document_text_drops_few_shot_examples_and_labels():
@@ -97,6 +97,72 @@ def test_contaminated_across_case_and_punctuation_but_not_twelve_words(tmp_path)
         "q-leak",
         "q-twelve",
     ]
+
+
+def test_same_documents_as_a_brute_force_set_of_ngrams(tmp_path, monkeypatch):
+    """Against every training 13-gram held as a tuple of Janitor-normalised words: the same contaminated
+    documents, with case, punctuation, Unicode whitespace, Chinese runs, spans across two training
+    documents, many small batches, and training words that differ from a task word only in their length or
+    their last letter."""
+    rng = random.Random(3)
+    longest = "q" * 30 + "r" * 42
+    # Training words and the task words in their place, which differ only in length or the last letter.
+    near = {longest + "zz": longest, longest[:-1] + "s": longest, "q" * 8 + "z" * 70: "q" * 8}
+    vocabulary = [filler(rng, 1) for _ in range(40)] + [
+        "Don't",
+        "STOP!",
+        "--",
+        "naïve",
+        "a\u00a0b",
+        "x\u3000y",
+        "tab\there",
+        "中文，句子",
+        "Ωμέγα",
+    ]
+    training = [" ".join(rng.choices([*vocabulary, *near], k=rng.randint(0, 200))) for _ in range(60)]
+    shard_words = [text.split(" ") for text in training]
+    questions = {}
+    for number in range(80):
+        kind, source = number % 4, shard_words[number % len(shard_words)]
+        start = rng.randint(0, max(0, len(source) - 16))
+        if kind == 0:  # a span of a training document (often long enough for a 13-gram)
+            words = source[start : start + rng.randint(10, 16)]
+        elif kind == 1:  # the end of one training document and the start of the next in its shard
+            words = source[-7:] + shard_words[(number + 3) % len(shard_words)][:7]
+        elif kind == 2:  # 13 words of a training document around one of its longest words
+            long = [i for i, word in enumerate(source[6:-6], start=6) if word in near] or [6]
+            words = source[long[0] - 6 : long[0] + 7]
+        else:
+            words = rng.choices(vocabulary, k=rng.randint(5, 30))
+        questions[f"d{number}"] = " ".join(near.get(word, word) for word in words)
+    task = Task(
+        "brute",
+        Path("brute"),
+        "acc_per_char",
+        "per_char",
+        [
+            Document(i, native, {}, [Choice(f"{FEW_SHOT}Question: {question}?\nAnswer:", " it")], 0)
+            for i, (native, question) in enumerate(questions.items())
+        ],
+    )
+    table = str.maketrans(string.ascii_uppercase, string.ascii_lowercase, string.punctuation + "\x00")
+
+    def ngrams(text: str) -> set[tuple[str, ...]]:
+        words = text.translate(table).split()
+        return {tuple(words[i : i + 13]) for i in range(len(words) - 12)}
+
+    seen = set().union(*map(ngrams, training))
+    texts = document_texts(task)
+    expected = [doc_id for doc_id, text in texts if ngrams(text) & seen]
+    short = sum(len(text.translate(table).split()) < 13 for _, text in texts)
+    assert 5 < len(expected) < len(texts) - short - 5  # both kinds are there to tell apart
+    assert any(longest in text for doc_id, text in texts if doc_id not in expected)
+    for index in range(3):
+        write_shard(tmp_path / f"part-a-{index}.jsonl.zst", training[index::3])
+    monkeypatch.setattr("evaluation.decontaminate.BATCH_CHARS", 2_000)
+    for workers in (0, 2):
+        report = decontaminate(tmp_path, [task], workers=workers)["contamination"]["brute"]
+        assert report == {"docs": 80, "contaminated": len(expected), "short": short, "ids": expected}
 
 
 def test_short_documents_are_counted_not_checked(tmp_path):

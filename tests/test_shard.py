@@ -305,12 +305,46 @@ def test_cli_bad_arguments_are_one_line(tmp_path):
         "cannot create --output-dir": [str(src), "--output-dir", str(tmp_path / "a_file" / "sub")],
         "no data files in folder": [str(tmp_path / "no_data"), "--output-dir", str(tmp_path / "o1")],
         "--workers must be at least 1": [str(src), "--output-dir", str(tmp_path / "o2"), "--workers", "0"],
+        "is not a file": [
+            str(src),
+            "--output-dir",
+            str(tmp_path / "o3"),
+            "--languages",
+            "en",
+            "--language-model",
+            "x",
+        ],
+        "give the languages to keep": [
+            str(src),
+            "--output-dir",
+            str(tmp_path / "o4"),
+            "--language-model",
+            str(src),
+        ],
+        "must each be at least 1": [
+            str(src),
+            "--output-dir",
+            str(tmp_path / "o5"),
+            "--near-dedup-buckets",
+            "0",
+        ],
     }
     for message, args in cases.items():
-        result = run_cli(*args, "--no-progress")
+        result = run_cli(*args, "--no-progress", "--near-dedup")
         assert result.returncode == 1, (message, result.stderr)
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # Option values outside their choices are bad arguments: status 2, one line naming the valid ones.
+    for args, message in (
+        (["--filters", "gopher,c4_quality"], "unknown filter 'gopher': choose from all, gopher_repetition"),
+        (["--languages", "en,e1"], "'e1' is not a language code"),
+        (["--executor", "slurm"], "--executor slurm needs --slurm-partition"),
+        (["--executor", "spark"], "executor"),
+    ):
+        result = run_cli(str(src), "--output-dir", str(tmp_path / "o6"), *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "o6").exists()
 
 
 def test_cli_keys_aliases_and_bad_values(tmp_path, capsys):

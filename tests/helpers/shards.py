@@ -1,8 +1,12 @@
-"""Shards in the sharder's format (jsonl.zst) written from generated text, and documents read back from a
+"""Shards in the sharder's format (jsonl.zst) written from generated text, a small raw corpus for the sharder
+with duplicates (tests/test_shard.py, tests/test_shard_executors.py), and documents read back from a
 pretraining stream."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -71,6 +75,37 @@ def generated_corpus(root: Path) -> dict[str, list[Path]]:
             write_shard(path, texts, source)
             shards[source].append(path)
     return shards
+
+
+def make_corpus(root: Path) -> list[Path]:
+    """Three sharder inputs of different formats (jsonl.zst, jsonl.gz, a WuDao JSON array) with duplicates
+    within and across files: 2,500 documents, 215 of them exact duplicates."""
+    root.mkdir()
+    a = root / "a.jsonl.zst"
+    a.write_bytes(
+        zstandard.ZstdCompressor(level=3).compress(
+            _jsonl([{"text": f"alpha {i % 900}"} for i in range(1000)])
+        )
+    )
+    b = root / "b.jsonl.gz"
+    b.write_bytes(
+        gzip.compress(_jsonl([{"text": f"alpha {i}" if i % 7 == 0 else f"beta {i}"} for i in range(800)]))
+    )
+    c = root / "c.json"
+    c.write_text(
+        json.dumps([{"title": f"t{i}", "content": f"gamma {i}", "dataType": "x"} for i in range(700)])
+    )
+    return [a, b, c]
+
+
+def _jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def shard_hashes(output_dir: Path) -> dict[str, str]:
+    """sha256 of each shard and of manifest.json in a sharder output folder, by file name."""
+    files = [*sorted(output_dir.glob("part-*.jsonl.zst")), output_dir / "manifest.json"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def split_documents(tokens: list[int], eos_id: int) -> list[tuple[int, ...]]:

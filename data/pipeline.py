@@ -321,7 +321,12 @@ def _run_stages(chain: list, progress: bool, stage_seconds: dict) -> None:
         begun = time.perf_counter()
         if progress:
             print(f"{name}: {stage.world_size} task(s) ...", end="", file=sys.stderr, flush=True)
-        stage.run()
+        try:
+            stage.run()
+        except BaseException:
+            if progress:  # the error message goes on a line of its own
+                print(file=sys.stderr, flush=True)
+            raise
         stage_seconds[name] = time.perf_counter() - begun
         if progress:
             print(f" done in {stage_seconds[name]:.1f} s", file=sys.stderr, flush=True)

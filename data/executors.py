@@ -16,6 +16,7 @@ runs only the tasks datatrove has not marked complete (docs/data.md, "Running on
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import pickle
@@ -36,6 +37,21 @@ from common.processes import exit_with_parent
 from data.job import ShardingError
 
 EXECUTORS = ("local", "ray", "slurm")
+
+
+def _cache_loguru_library_folders() -> None:
+    """datatrove adds three loguru handlers for every task, and loguru works out the library folders for
+    each handler's traceback formatter anew: 6 ms each, 18 ms a task, a fifth of a small corpus's run. The
+    folders cannot change within a process, so the answer is kept (where loguru still has that method)."""
+    with contextlib.suppress(ImportError):
+        from loguru._better_exceptions import ExceptionFormatter
+
+        find = getattr(ExceptionFormatter, "_get_lib_dirs", None)
+        if isinstance(ExceptionFormatter.__dict__.get("_get_lib_dirs"), staticmethod) and callable(find):
+            ExceptionFormatter._get_lib_dirs = staticmethod(functools.cache(find))
+
+
+_cache_loguru_library_folders()
 
 
 @dataclass(frozen=True)

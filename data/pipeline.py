@@ -125,16 +125,17 @@ def stages(job: Job) -> list[tuple[str, list[PipelineStep], int]]:
 
     opts, state, inputs = job.options, job.state_dir, len(job.inputs)
     curation = Curation(opts.filters, opts.languages, opts.pii, opts.language_model)
+    # One config for both exact-dedup stages: building one checks xxhash's installation (80 ms).
+    exact_config = ExactDedupConfig(content_getter=document_text)
     read: list[PipelineStep] = [InputReader(job)]
     if curation.enabled:
         read.append(Curate(job, curation))
     if opts.dedup:
-        read.append(ExactDedupSignatures(job, str(state / "exact" / "sigs")))
+        read.append(ExactDedupSignatures(str(state / "exact" / "sigs"), exact_config))
     read.append(WorkShardWriter(job))
     result = [("read", read, inputs)]
     if opts.dedup:
-        config = ExactDedupConfig(content_getter=document_text)
-        find = ExactFindDedups(str(state / "exact" / "sigs"), str(state / "exact" / "dups"), config)
+        find = ExactFindDedups(str(state / "exact" / "sigs"), str(state / "exact" / "dups"), exact_config)
         result.append(("exact", [find], 1))
     if (near := opts.near_dedup) is not None:
         # Accents are kept: folding them (a per-character Python loop) took most of the signature time.

@@ -30,7 +30,7 @@ import xxhash
 import zstandard
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSignature, get_sig_dtype
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature, get_sig_dtype
 from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 from datatrove.utils.text import simplify_text
 
@@ -297,9 +297,6 @@ class ExactDedupSignatures(ExactDedupSignature):
     collected in numpy arrays (14 bytes a document, only for the input at hand) while the documents are
     passed on to the writer. A document's id in the signatures is its position among the input's
     documents written, which `Finalise` maps back to a shard and a line."""
-
-    def __init__(self, job: Job, folder: str) -> None:
-        super().__init__(folder, ExactDedupConfig(content_getter=document_text))
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         dtype = get_sig_dtype(self.config.hash_config)

@@ -8,8 +8,9 @@
    those given with a score of at least `language_threshold`. Nothing is downloaded, ever.
 3. Quality filters (`--filters`): datatrove's Gopher repetition, Gopher quality, C4 and FineWeb filters,
    through their `filter(doc)` methods. Chinese documents (`script_language`) are segmented with jieba and
-   judged by thresholds measured on real Chinese text (`_CHINESE` below); others by datatrove's defaults,
-   the published settings, with the two changes in `_ENGLISH`.
+   judged by thresholds measured on real Chinese text (`_CHINESE` below); others are split into words by a
+   regex (`_ENGLISH_TOKEN`) and judged by datatrove's defaults, the published settings, with the two changes
+   in `_ENGLISH`.
 
 It returns None to keep the document, or the first reason it is removed (`Curation.reasons`). A Curation is
 pickled to every worker process: models and word tokenizers are loaded there, on first use.
@@ -17,51 +18,34 @@ pickled to every worker process: models and word tokenizers are loaded there, on
 
 from __future__ import annotations
 
+import bisect
 import csv
+import functools
 import importlib.util
+import inspect
 import logging
 import re
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import xxhash
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+)
+from datatrove.utils.text import TERMINAL_PUNCTUATION, split_into_words
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from data.job import FILTERS, parse_languages
+
 if TYPE_CHECKING:
     from datatrove.data import Document
-
-FILTERS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
-
-# lid.176 names a language by its ISO 639-1 code, or ISO 639-3 where there is none ("wuu", "yue").
-_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}")
-
-
-def parse_filters(spec: str | None) -> tuple[str, ...]:
-    """`--filters`: "all", or a comma list of FILTERS' names; returned in FILTERS' order."""
-    if not spec:
-        return ()
-    names = {name.strip() for name in spec.split(",")}
-    if "all" in names:
-        return FILTERS
-    unknown = sorted(names - set(FILTERS))
-    if unknown:
-        raise ValueError(
-            f"unknown filter {', '.join(map(repr, unknown))}: choose from all, {', '.join(FILTERS)}"
-        )
-    return tuple(name for name in FILTERS if name in names)
-
-
-def parse_languages(spec: str | None) -> tuple[str, ...]:
-    """`--languages en,zh`: the codes as lid.176 names them (ISO 639-1, else ISO 639-3), in the order given."""
-    if not spec:
-        return ()
-    codes = [code.strip().lower() for code in spec.split(",")]
-    for code in codes:
-        if not _LANGUAGE_CODE.fullmatch(code):
-            raise ValueError(
-                f"--languages: {code!r} is not a language code; give ISO 639-1 codes as fastText's lid.176 "
-                "names them, e.g. en,zh (ISO 639-3 where a language has no 2-letter code, e.g. yue)"
-            )
-    return tuple(dict.fromkeys(codes))
-
 
 # CJK unified ideographs (basic, extension A, compatibility, extensions B-F); kana and hangul are not counted.
 _IDEOGRAPH = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
@@ -71,7 +55,7 @@ _OTHER_WORD = re.compile(r"(?:(?![\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020
 
 def script_language(text: str) -> str:
     """ "zh" when the text's CJK ideographs are at least half as many as its words in other scripts, else
-    "en": which word segmentation (jieba, or spaCy's blank English) and which thresholds a document gets.
+    "en": which word segmentation (jieba, or `_ENGLISH_TOKEN`) and which thresholds a document gets.
 
     A Chinese word is ~1.7 ideographs, so a text is Chinese once about a quarter of its words are: jieba
     segments the English in a Chinese page well, while the English tokenizer takes a run of Chinese for one
@@ -158,35 +142,206 @@ _CHINESE: dict[str, dict[str, Any]] = {
 _CHINESE_END_MARKS = ("；", "”", "」", "』")
 
 
-def _build_filters(names: tuple[str, ...], script: str) -> dict[str, Any]:
-    from datatrove.pipeline.filters import (
-        C4QualityFilter,
-        FineWebQualityFilter,
-        GopherQualityFilter,
-        GopherRepetitionFilter,
-    )
-    from datatrove.utils.text import TERMINAL_PUNCTUATION
-    from datatrove.utils.typeshelper import Languages
+# --- word segmentation ----------------------------------------------------------------------------------
+#
+# datatrove's filters split text with the word tokenizer their `language` names (spaCy's blank English, or
+# spaCy's Chinese over jieba), and C4 splits every line into sentences again. spaCy built a Doc for each call:
+# curation ran at ~0.1 MB/s per worker on The Pile and on WuDao, most of it in spaCy. The filters
+# take a datatrove WordTokenizer in place of a language instead: these two give the same words and sentences
+# as those did, without spaCy, on all but a few documents (docs/data.md, "Curation", has the agreement).
 
+# spaCy's tokenizer, in one regex: URLs whole; "don't" as "do" "n't", "it's" as "it" "'s", "cannot" as "can"
+# "not"; abbreviations keep their periods ("e.g.", "U.S.", "Mr."), which end no sentence; a run of letters and
+# digits (with inner periods: "3.14", "os.path") is a word, "..." and "--" one mark, any other mark one.
+_ENGLISH_TOKEN = re.compile(
+    r"""
+    https?://[^\s<>"]*[^\s<>"'.,;:!?)\]]
+    | [^\W_]+?(?=n['’]t\b) | n['’]t\b
+    | (?<=\w)['’](?:[sSmMdD]|ll|LL|ve|VE|re|RE)\b
+    | (?i:can)(?=not\b)
+    | (?<![\w.])(?:(?:[^\W\d_]\.){2,}|(?:Mrs|Mr|Ms|Dr|St|Jr|Sr|Mt|Prof|Rev|Gen|Gov|Sen|Rep|Inc|Ltd|Co|Corp|Bros|vs)\.)(?!\w)
+    | \w+(?:\.\w+)*
+    | \.{2,} | -{2,} | [^\w\s]
+    """,
+    re.VERBOSE,
+)
+# Chinese, as far as sentences go: jieba makes every mark its own word, and keeps a number whole ("3.14").
+_CHINESE_TOKEN = re.compile(r"[^\W_]+(?:\.\d+)*%?|[^\w\s]|_")
+
+
+_TERMINAL = re.compile(f"[{re.escape(''.join(sorted(TERMINAL_PUNCTUATION)))}]")
+
+
+def _is_punctuation(token: str) -> bool:
+    """spaCy's Token.is_punct: every character is Unicode punctuation."""
+    return all(unicodedata.category(char).startswith("P") for char in token)
+
+
+def _sentence_spans(tokens: re.Pattern[str], text: str) -> list[tuple[int, int]]:
+    """spaCy's sentencizer: a sentence ends at a terminal mark (datatrove's TERMINAL_PUNCTUATION, a superset of
+    spaCy's list), with the marks after it, and the next token that is not a mark starts the next one."""
+    last = len(text.rstrip())
+    if not _TERMINAL.search(text, 0, last - 1):  # no mark before the last character: one sentence, or none
+        first = len(text) - len(text.lstrip())
+        return [(first, last)] if first < last else []
+    spans: list[tuple[int, int]] = []
+    start = end = -1
+    seen_end = False
+    for match in tokens.finditer(text):
+        token = match.group()
+        if start < 0:
+            start = match.start()
+        elif seen_end and token not in TERMINAL_PUNCTUATION and not _is_punctuation(token):
+            spans.append((start, end))
+            start, seen_end = match.start(), False
+        elif token in TERMINAL_PUNCTUATION:
+            seen_end = True
+        end = match.end()
+    if start >= 0:
+        spans.append((start, end))
+    return spans
+
+
+class _Words(WordTokenizer):
+    """datatrove's WordTokenizer over `split` (words) and `sentence_tokens` (sentences), remembering the last
+    text's words: the Gopher and FineWeb filters all split the same document, and C4's sentence splits of
+    each line push it out of datatrove's own small cache in between."""
+
+    def __init__(self, split: Callable[[str], list[str]], sentence_tokens: re.Pattern[str]) -> None:
+        super().__init__()
+        self.split, self.sentence_tokens = split, sentence_tokens
+        self._text: str | None = None
+        self._words: list[str] = []
+
+    def word_tokenize(self, text: str) -> list[str]:
+        if text is not self._text:
+            self._text, self._words = text, self.split(text)
+        return self._words
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return _sentence_spans(self.sentence_tokens, text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [text[start:end] for start, end in self.span_tokenize(text)]
+
+
+@functools.cache
+def _word_tokenizer(script: str) -> _Words:
+    """English (any non-Chinese text): spaCy's blank English tokenizer and sentencizer, approximated by
+    `_ENGLISH_TOKEN`; a run of ideographs is one word, as spaCy made it. Chinese: jieba's words, as datatrove's
+    `Languages.mandarin_chinese` tokenizer (spaCy over jieba) gave them, and sentences found without jieba.
+    One of each per process: datatrove's load_word_tokenizer keeps every tokenizer it is given."""
+    if script != "zh":
+        return _Words(_ENGLISH_TOKEN.findall, _ENGLISH_TOKEN)
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)  # not "Building prefix dict..." on every worker's stderr
+
+    def jieba_words(text: str) -> list[str]:
+        return [word for word in map(str.strip, jieba.lcut(text)) if word]
+
+    return _Words(jieba_words, _CHINESE_TOKEN)
+
+
+_N_GRAM_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: folding keeps all 64 bits in play
+
+
+def _n_gram_hashes(words: list[str], n: int, cache: dict[int, np.ndarray]) -> np.ndarray:
+    """A 64-bit hash of each n-gram of `words` (position i: words[i:i+n]), folded from each word's xxhash;
+    cache[n] keeps what was computed for the document before."""
+    if 1 not in cache:
+        cache[1] = np.fromiter(map(xxhash.xxh64_intdigest, words), np.uint64, len(words))
+    if n not in cache:
+        values = cache[1]
+        count = len(words) - n + 1
+        hashes = values[:count].copy()
+        for k in range(1, n):
+            hashes = hashes * _N_GRAM_MIX + values[k : k + count]
+        cache[n] = hashes
+    return cache[n]
+
+
+class _GopherRepetition(GopherRepetitionFilter):
+    """datatrove's GopherRepetitionFilter with its n-gram rules computed on hashes of word n-grams in numpy
+    instead of joined strings in Python (most of English curation's time once spaCy was gone). Same rules, thresholds and reasons;
+    a duplicated n-gram is the same words (datatrove compares them joined without a space, so "a"+"bc"
+    repeats "ab"+"c")."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        defaults = inspect.signature(GopherRepetitionFilter).parameters
+        self.top_n_rules = kwargs.pop("top_n_grams", defaults["top_n_grams"].default)
+        self.dup_n_rules = kwargs.pop("dup_n_grams", defaults["dup_n_grams"].default)
+        super().__init__(top_n_grams=(), dup_n_grams=(), **kwargs)
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        result = super().filter(doc)  # lines and paragraphs
+        if result is not True:
+            return result
+        words = split_into_words(doc.text, self.language)
+        lengths = np.cumsum([0, *map(len, words)])  # characters before each word
+        cache: dict[int, np.ndarray] = {}
+        for n, fraction in self.top_n_rules:
+            if len(words) < n:
+                continue
+            # The most frequent n-gram (the first to occur among equals) joined by spaces, times its count.
+            _, first, counts = np.unique(
+                _n_gram_hashes(words, n, cache), return_index=True, return_counts=True
+            )
+            top = counts.max()
+            at = first[counts == top].min()
+            if (lengths[at + n] - lengths[at] + n - 1) * top / len(doc.text) > fraction:
+                return False, f"top_{n}_gram"
+        for n, fraction in self.dup_n_rules:
+            if len(words) < n:
+                continue
+            repeated = _duplicated_n_gram_chars(_n_gram_hashes(words, n, cache), n, lengths)
+            if repeated / len(doc.text) > fraction:
+                return False, f"duplicated_{n}_n_grams"
+        return True
+
+
+def _duplicated_n_gram_chars(hashes: np.ndarray, n: int, lengths: np.ndarray) -> int:
+    """datatrove's find_all_duplicate: scanning left to right, an n-gram seen before counts its characters and
+    the scan jumps past it, so the n-grams it jumps over are never seen. Only the n-grams that occurred before
+    (`later`) can repeat: the loop visits those alone, and asks of the first occurrence whether a jump hid it."""
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    first_at = first[inverse]
+    later = np.flatnonzero(first_at != np.arange(len(hashes)))
+    if not len(later):
+        return 0
+    first_at, inverse = first_at.tolist(), inverse.tolist()
+    jumps: list[int] = []  # where each repeat was found: the n - 1 positions after it were jumped over
+    seen_later: set[int] = set()  # n-grams (by index) seen at a later occurrence
+    repeated = next_free = 0
+    for at in later.tolist():
+        if at < next_free:
+            continue
+        first_seen = first_at[at]
+        before = bisect.bisect_left(jumps, first_seen)
+        if not (before and first_seen < jumps[before - 1] + n) or inverse[at] in seen_later:
+            repeated += int(lengths[at + n] - lengths[at])
+            jumps.append(at)
+            next_free = at + n
+        else:
+            seen_later.add(inverse[at])
+    return repeated
+
+
+def _build_filters(names: tuple[str, ...], script: str) -> dict[str, Any]:
     classes = {
-        "gopher_repetition": GopherRepetitionFilter,
+        "gopher_repetition": _GopherRepetition,
         "gopher_quality": GopherQualityFilter,
         "c4_quality": C4QualityFilter,
         "fineweb_quality": FineWebQualityFilter,
     }
-    settings, language = (
-        (_CHINESE, Languages.mandarin_chinese) if script == "zh" else (_ENGLISH, Languages.english)
-    )
-    if script == "zh":
-        import jieba
-
-        jieba.setLogLevel(logging.WARNING)  # not "Building prefix dict..." on every worker's stderr
+    settings = _CHINESE if script == "zh" else _ENGLISH
+    words = _word_tokenizer(script)
     built = {}
     for name in names:
         kwargs = dict(settings.get(name, {}))
         if script == "zh" and name == "fineweb_quality":
             kwargs["stop_chars"] = (*sorted(TERMINAL_PUNCTUATION), *_CHINESE_END_MARKS)
-        built[name] = classes[name](language=language, **kwargs)
+        built[name] = classes[name](language=words, **kwargs)
     return built
 
 

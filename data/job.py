@@ -39,6 +39,45 @@ READ_REASONS = ("malformed", "missing_text", "empty", "too_short", "too_long")
 DEDUP_REASONS = ("duplicate", "near_duplicate")
 
 
+FILTERS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
+
+# lid.176 names a language by its ISO 639-1 code, or ISO 639-3 where there is none ("wuu", "yue").
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}")
+
+
+def parse_filters(spec: str | None) -> tuple[str, ...]:
+    """`--filters`: "all", or a comma list of FILTERS' names; returned in FILTERS' order."""
+    if not spec:
+        return ()
+    names = {name.strip() for name in spec.split(",")}
+    if "all" in names:
+        return FILTERS
+    unknown = sorted(names - set(FILTERS))
+    if unknown:
+        raise ValueError(
+            f"unknown filter {', '.join(map(repr, unknown))}: choose from all, {', '.join(FILTERS)}"
+        )
+    return tuple(name for name in FILTERS if name in names)
+
+
+def parse_languages(spec: str | None) -> tuple[str, ...]:
+    """`--languages en,zh`: the codes as lid.176 names them (ISO 639-1, else ISO 639-3), in the order given."""
+    if not spec:
+        return ()
+    codes = [code.strip().lower() for code in spec.split(",")]
+    for code in codes:
+        if not _LANGUAGE_CODE.fullmatch(code):
+            raise ValueError(
+                f"--languages: {code!r} is not a language code; give ISO 639-1 codes as fastText's lid.176 "
+                "names them, e.g. en,zh (ISO 639-3 where a language has no 2-letter code, e.g. yue)"
+            )
+    return tuple(dict.fromkeys(codes))
+
+
+CURATION_REASONS = ("language", *FILTERS)
+DROP_REASONS = (*READ_REASONS, *CURATION_REASONS, *DEDUP_REASONS)
+
+
 class ShardingError(Exception):
     """A fatal problem with the job (bad options, unusable output folder, --strict input error)."""
 
@@ -73,6 +112,7 @@ class ShardOptions:
     pii: bool = False
 
     def validate(self) -> None:
+        """Raise ShardingError for a bad option (data/pipeline.py's `check_options` adds curation's checks)."""
         from data.readers import FORMATS, TEXT_UNITS
 
         if self.fmt not in FORMATS:
@@ -85,17 +125,16 @@ class ShardOptions:
             raise ShardingError("--max-chars must be at least 1 and at least --min-chars")
         if self.source is not None and (not self.source or SOURCE_CHARS.search(self.source)):
             raise ShardingError(f"--source {self.source!r}: use letters, digits, '_', '.' and '-' only")
-        from data.curation import Curation
-
-        try:  # curation checks its own options (a model without languages, a missing model file)
-            Curation(self.filters, self.languages, self.pii, self.language_model)
-        except ValueError as exc:
-            raise ShardingError(str(exc)) from exc
         near = self.near_dedup
         if near is not None and min(near.n_grams, near.buckets, near.hashes_per_bucket) < 1:
             raise ShardingError(
                 "--near-dedup's n-grams, buckets and hashes per bucket must each be at least 1"
             )
+
+    @property
+    def curated(self) -> bool:
+        """Whether curation (data/curation.py) has anything to do."""
+        return bool(self.filters or self.languages or self.pii)
 
     def manifest_form(self) -> dict:
         return asdict(self) | {"filters": list(self.filters), "languages": list(self.languages)}

@@ -30,29 +30,23 @@ from common.files import write_atomic
 from data.executors import ExecutorOptions, make_executor, start_ray
 from data.job import (
     DEDUP_REASONS,
+    DROP_REASONS,
     MANIFEST,
     MANIFEST_VERSION,
     MAX_EXAMPLES,
     MAX_INPUTS,
-    READ_REASONS,
     STATE_DIR,
     Job,
     ShardingError,
+    ShardOptions,
     read_json,
 )
 from data.readers import DATA_SUFFIXES, logical_suffix
 from data.shard_io import match_patterns
 
 
-def drop_reasons() -> tuple[str, ...]:
-    """Every reason a document read is not in the output, in the order the steps run."""
-    from data.curation import FILTERS
-
-    return (*READ_REASONS, "language", *FILTERS, *DEDUP_REASONS)
-
-
 def stat_keys() -> tuple[str, ...]:
-    return ("records", "documents", "bytes_in", "bytes_out", *drop_reasons(), "invalid_utf8")
+    return ("records", "documents", "bytes_in", "bytes_out", *DROP_REASONS, "invalid_utf8")
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -102,6 +96,18 @@ def input_paths(inputs: str | Path | Iterable[str | Path], output_dir: Path) -> 
     return paths
 
 
+def check_options(options: ShardOptions) -> None:
+    """Every option checked before anything is written: ShardingError names what is wrong."""
+    options.validate()
+    if options.curated or options.language_model is not None:
+        from data.curation import Curation
+
+        try:  # curation checks its own options (a model without languages, a missing model file)
+            Curation(options.filters, options.languages, options.pii, options.language_model)
+        except ValueError as exc:
+            raise ShardingError(str(exc)) from exc
+
+
 # --- the stages ---------------------------------------------------------------------------------
 
 
@@ -111,7 +117,6 @@ def stages(job: Job) -> list[tuple[str, list[PipelineStep], int]]:
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster
     from datatrove.utils.text import TextNormConfig
 
-    from data.curation import Curation
     from data.steps import (
         Curate,
         ExactDedupSignatures,
@@ -124,12 +129,13 @@ def stages(job: Job) -> list[tuple[str, list[PipelineStep], int]]:
     )
 
     opts, state, inputs = job.options, job.state_dir, len(job.inputs)
-    curation = Curation(opts.filters, opts.languages, opts.pii, opts.language_model)
     # One config for both exact-dedup stages: building one checks xxhash's installation (80 ms).
     exact_config = ExactDedupConfig(content_getter=document_text)
     read: list[PipelineStep] = [InputReader(job)]
-    if curation.enabled:
-        read.append(Curate(job, curation))
+    if opts.curated:
+        from data.curation import Curation  # datatrove's filters, jieba, fastText: only when asked for
+
+        read.append(Curate(job, Curation(opts.filters, opts.languages, opts.pii, opts.language_model)))
     if opts.dedup:
         read.append(ExactDedupSignatures(str(state / "exact" / "sigs"), exact_config))
     read.append(WorkShardWriter(job))

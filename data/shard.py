@@ -21,11 +21,18 @@ from typing import Literal
 
 from common.config import ConfigError, parse_config
 from data.executors import EXECUTORS, ExecutorOptions
-from data.job import LINES_PER_SHARD, Job, MinhashOptions, ShardingError, ShardOptions
-from data.pipeline import drop_reasons, examples_of, input_paths, job_config, run_job
+from data.job import (
+    DROP_REASONS,
+    LINES_PER_SHARD,
+    Job,
+    MinhashOptions,
+    ShardingError,
+    ShardOptions,
+    parse_filters,
+    parse_languages,
+)
+from data.pipeline import check_options, examples_of, input_paths, job_config, run_job
 from data.readers import FORMATS, TEXT_UNITS, InputError
-
-DROP_REASONS = drop_reasons()
 
 
 @dataclass
@@ -143,7 +150,7 @@ def shard_inputs(
         language_model,
         pii,
     )
-    options.validate()
+    check_options(options)
     executor = executor or ExecutorOptions(workers=workers)
     if executor.workers < 1:
         raise ShardingError("--workers must be at least 1")
@@ -265,8 +272,6 @@ ALIASES = {key.replace("_", "-"): key for key in ShardConfig.__dataclass_fields_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.curation import parse_filters, parse_languages
-
     try:
         config = parse_config(ShardConfig, argv, aliases=ALIASES, prog=PROG, positional="inputs")
         filters, languages = parse_filters(config.filters), parse_languages(config.languages)

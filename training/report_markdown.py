@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from data.curation import FILTERS
-
-CURATION_REASONS = ("language", *FILTERS)
+from data.job import CURATION_REASONS
 
 LICENSE = "mit"  # the project's (LICENSE); a run on data with other terms should say so in its card
 SAMPLE_DOCS = 200  # documents of each source whose bytes per token the report measures

@@ -373,6 +373,25 @@ def main() -> int:
     for name in sharders:
         grew = (memory[name, larger].peak_rss - memory[name, "corpus"].peak_rss) / 2**20
         print(f"{name}: peak grows by {grew:+,.0f} MiB from the corpus to {larger}")
+    # The corpus and its copies lie in the same 6 files, so the difference of the two runs is the cost of
+    # the extra bytes alone: the rate per byte, free of the fixed costs of a run (imports, tasks' set-up).
+    extra = mb[larger] - mb["corpus"]
+    print(
+        f"\nper byte: the {extra:,.1f} MB more of the {larger}, over the extra time (MB/s), today's / datatrove:"
+    )
+    for workers in (1, 2):
+        marginal = {
+            name: extra / (times[name, larger, workers].seconds - times[name, "corpus", workers].seconds)
+            for name in sharders
+        }
+        fixed = {
+            name: times[name, "corpus", workers].seconds - mb["corpus"] / marginal[name] for name in sharders
+        }
+        print(
+            f"  {workers} worker(s): {marginal['today']:,.1f} / {marginal['datatrove']:,.1f} MB/s "
+            f"(ratio {marginal['datatrove'] / marginal['today']:.2f}×); fixed cost of a run "
+            f"{fixed['today']:.2f} / {fixed['datatrove']:.2f} s"
+        )
     # One worker only: both sharders then work in their main process, whose CPU time is counted whole
     # (a pool worker still exiting when its sharder ends is not).
     print("\nCPU seconds, 1 worker (least of the runs), today's sharder / datatrove:")

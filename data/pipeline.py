@@ -43,6 +43,17 @@ from data.job import (
 )
 from data.readers import DATA_SUFFIXES, logical_suffix
 from data.shard_io import match_patterns
+from data.steps import (
+    Curate,
+    ExactDedupSignatures,
+    Finalise,
+    InputReader,
+    JobStep,
+    NearDedupSignatures,
+    SurvivorReader,
+    WorkShardWriter,
+    document_text,
+)
 
 
 def stat_keys() -> tuple[str, ...]:
@@ -117,17 +128,6 @@ def stages(job: Job) -> list[tuple[str, list[PipelineStep], int]]:
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster
     from datatrove.utils.text import TextNormConfig
 
-    from data.steps import (
-        Curate,
-        ExactDedupSignatures,
-        Finalise,
-        InputReader,
-        NearDedupSignatures,
-        SurvivorReader,
-        WorkShardWriter,
-        document_text,
-    )
-
     opts, state, inputs = job.options, job.state_dir, len(job.inputs)
     # One config for both exact-dedup stages: building one checks xxhash's installation (80 ms).
     exact_config = ExactDedupConfig(content_getter=document_text)
@@ -165,16 +165,12 @@ def stages(job: Job) -> list[tuple[str, list[PipelineStep], int]]:
     return result
 
 
-class WriteManifest(PipelineStep):
+class WriteManifest(JobStep):
     """The last stage: every step's counts for every input summed per input, per source and in total, and
     written with the shards' names, lines, sizes and sha256 into manifest.json (atomically)."""
 
     name = "📋 manifest"
     type = "💽 - WRITER"
-
-    def __init__(self, job: Job) -> None:
-        super().__init__()
-        self.job = job
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         write_atomic(

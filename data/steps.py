@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,27 +131,35 @@ class ShardWriter:
 
 
 class RemovedDocuments:
-    """--keep-removed: the documents one task removed, one zstd file per reason, each line the document's
-    shard line plus `reason` and `where` (file:line of the input). Files appear when the task finishes."""
+    """--keep-removed: the documents one task removed, one zstd file per reason
+    (`<reason>/<source>-<input>.jsonl.zst`), each line the document's shard line plus `reason` and `where`
+    (file:line of the input). Files appear when the task finishes."""
 
-    def __init__(self, job: Job, index: int, prefix: str = "") -> None:
+    def __init__(self, job: Job, index: int) -> None:
         self.root = Path(job.keep_removed) if job.keep_removed else None
-        self.index, self.prefix = index, prefix
-        self.source = "corpus"
+        self.index = index
         self._writers: dict[str, ShardWriter] = {}
 
-    def add(self, reason: str, text: str, meta: dict, where: str) -> None:
+    def add(self, reason: str, doc: Document) -> None:
         if self.root is None:
             return
         if reason not in self._writers:
-            name = f"{self.prefix}{self.source}-{self.index:05d}.jsonl.zst"
+            name = f"{doc.metadata['source']}-{self.index:05d}.jsonl.zst"
             self._writers[reason] = ShardWriter(self.root / reason / name)
-        line, _ = encode_document(text, meta)
-        self._writers[reason].write(with_reason(line, reason, where))
+        line, _ = encode_document(doc.text, doc.metadata)
+        self._writers[reason].write(with_reason(line, reason, doc.id))
 
     def finish(self) -> None:
         for writer in self._writers.values():
             writer.finish()
+
+
+class JobStep(PipelineStep):
+    """A pipeline step of the sharding job: it reads the job's options and writes into its state folder."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__()
+        self.job = job
 
 
 # --- stage "read": one input -> its work shards -------------------------------------------------------
@@ -165,7 +174,7 @@ def _where(path: str, file_format: str | None, number: int) -> str:
     return f"{path}:{number}"
 
 
-class InputReader(PipelineStep):
+class InputReader(JobStep):
     """Reads input file number `rank` of the job; yields one normalised document per record kept.
 
     Counts what it read and left out (saved as counts/reader/<input>.json when the input is read to its
@@ -178,10 +187,6 @@ class InputReader(PipelineStep):
 
     name = "📖 input file"
     type = "📖 - READER"
-
-    def __init__(self, job: Job) -> None:
-        super().__init__()
-        self.job = job
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         opts, path = self.job.options, self.job.inputs[rank]
@@ -259,7 +264,7 @@ class InputReader(PipelineStep):
         return None
 
 
-class Curate(PipelineStep):
+class Curate(JobStep):
     """data/curation.py's decision on each document: PII replaced, then language ID and each filter; a
     document removed is counted under its reason (counts/curate/<input>.json) and kept aside under
     --keep-removed."""
@@ -268,8 +273,8 @@ class Curate(PipelineStep):
     type = "🔻 - FILTER"
 
     def __init__(self, job: Job, curation) -> None:
-        super().__init__()
-        self.job, self.curation = job, curation
+        super().__init__(job)
+        self.curation = curation
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         removed = RemovedDocuments(self.job, rank)
@@ -281,8 +286,7 @@ class Curate(PipelineStep):
                 continue
             counts[reason] += 1
             self.stat_update(f"dropped_{reason}")
-            removed.source = doc.metadata["source"]
-            removed.add(reason, doc.text, doc.metadata, doc.id)
+            removed.add(reason, doc)
         removed.finish()
         self.job.save_counts("curate", rank, counts)
 
@@ -318,16 +322,12 @@ class ExactDedupSignatures(ExactDedupSignature):
         self.save_hashes(rank, signatures)
 
 
-class WorkShardWriter(PipelineStep):
+class WorkShardWriter(JobStep):
     """Writes an input's documents into work shards of --lines-per-shard lines; records them in
     counts/writer/<input>.json."""
 
     name = "💽 work shards"
     type = "💽 - WRITER"
-
-    def __init__(self, job: Job) -> None:
-        super().__init__()
-        self.job = job
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         per_shard = self.job.options.lines_per_shard
@@ -358,36 +358,32 @@ class WorkShardWriter(PipelineStep):
 # --- stage "near": MinHash signatures of the documents exact dedup kept ------------------------------
 
 
+def _sorted_positions(path: Path) -> np.ndarray:
+    """The document positions in one of datatrove's duplicate lists (little-endian uint32), sorted; none
+    when the file is absent (the stage did not run, or found nothing for this input)."""
+    return np.sort(np.fromfile(path, dtype="<u4")) if path.exists() else np.empty(0, dtype=np.uint32)
+
+
 def _exact_duplicates(job: Job, rank: int) -> np.ndarray:
-    """The sorted positions of input `rank`'s exact duplicates (datatrove's ExactFindDedups output)."""
-    path = job.state_dir / "exact" / "dups" / "00000" / f"{rank:05d}.c4_dup"
-    if not job.options.dedup or not path.exists():
-        return np.empty(0, dtype=np.uint32)
-    return np.sort(np.fromfile(path, dtype="<u4"))
+    """Positions among input `rank`'s documents of its exact duplicates (ExactFindDedups' output)."""
+    return _sorted_positions(job.state_dir / "exact" / "dups" / "00000" / f"{rank:05d}.c4_dup")
 
 
 def _near_duplicates(job: Job, rank: int) -> np.ndarray:
-    """The sorted positions, among input `rank`'s documents left after exact dedup, of its near
-    duplicates (datatrove's MinhashDedupCluster output)."""
-    path = job.state_dir / "near" / "remove" / f"{rank:06d}.remove"
-    if job.options.near_dedup is None or not path.exists():
-        return np.empty(0, dtype=np.uint32)
-    return np.sort(np.fromfile(path, dtype="<u4"))
+    """Positions among input `rank`'s documents left after exact dedup of its near duplicates
+    (MinhashDedupCluster's output)."""
+    return _sorted_positions(job.state_dir / "near" / "remove" / f"{rank:06d}.remove")
 
 
 def _shard_lines(path: Path) -> Iterator[bytes]:
     return iter_lines(iter_zstd_chunks(path))
 
 
-class SurvivorReader(PipelineStep):
+class SurvivorReader(JobStep):
     """An input's work-shard documents in order, without its exact duplicates."""
 
     name = "📖 work shards"
     type = "📖 - READER"
-
-    def __init__(self, job: Job) -> None:
-        super().__init__()
-        self.job = job
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         written = self.job.load_counts("writer", rank)
@@ -433,7 +429,7 @@ class NearDedupSignatures(MinhashDedupSignature):
 # --- stage "final": work shards -> final shards ------------------------------------------------------
 
 
-class Finalise(PipelineStep):
+class Finalise(JobStep):
     """Moves input `rank`'s work shards to their final names, rewritten without the exact and near
     duplicates found across the corpus; records what it dropped in counts/final/<input>.json.
 
@@ -443,10 +439,6 @@ class Finalise(PipelineStep):
 
     name = "📦 final shards"
     type = "💽 - WRITER"
-
-    def __init__(self, job: Job) -> None:
-        super().__init__()
-        self.job = job
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         job = self.job
@@ -468,7 +460,7 @@ class Finalise(PipelineStep):
             ]
             info = read_json(final_dir / f"{name}.json")
             if info is None:
-                info = self._finalise_shard(rank, shard, name, exact_here, near_here - survivors_before)
+                info = self._finalise_shard(rank, shard, name, work, exact_here, near_here - survivors_before)
             if info["lines"] and not (Path(job.output_dir) / name).exists():
                 testing_delay()
                 os.replace(
@@ -485,21 +477,21 @@ class Finalise(PipelineStep):
         return
         yield
 
-    def _finalise_shard(self, rank: int, shard: int, name: str, exact: np.ndarray, near: np.ndarray) -> dict:
-        """Write the shard's record (and, when it drops documents, its rewritten copy and the documents
-        it drops) into final/; the caller renames it into place."""
+    def _finalise_shard(
+        self, rank: int, shard: int, name: str, written: dict, exact: np.ndarray, near: np.ndarray
+    ) -> dict:
+        """Write shard `name`'s record (and, when it drops documents, its rewritten copy and the documents
+        it drops) into final/; the caller renames it into place. `written` is the work shard's record."""
         job, final_dir = self.job, self.job.state_dir / "final"
-        work = job.work_shard(rank, shard)
         if not len(exact) and not len(near):
-            meta = job.load_counts("writer", rank)["shards"][shard]
-            info = {k: meta[k] for k in ("lines", "bytes", "sha256")} | {"rewritten": False}
+            info = {k: written[k] for k in ("lines", "bytes", "sha256")} | {"rewritten": False}
             write_atomic(final_dir / f"{name}.json", orjson.dumps(info))
             return info
         exact_set, near_set = set(exact.tolist()), set(near.tolist())
         writer = ShardWriter(final_dir / f"{name}.building")
         removed: dict[str, ShardWriter] = {}
         survivor = 0
-        for number, line in enumerate(_shard_lines(work)):
+        for number, line in enumerate(_shard_lines(job.work_shard(rank, shard))):
             if number in exact_set:
                 reason = "duplicate"
             else:
@@ -529,8 +521,13 @@ class Finalise(PipelineStep):
         final_dir = self.job.state_dir / "final"
         for reason in ("duplicate", "near_duplicate"):
             parts = [final_dir / f"{final_name(source, rank, s)}.{reason}" for s in range(shards)]
-            frames = b"".join(p.read_bytes() for p in parts if p.exists())
-            if frames:
-                dest = Path(self.job.keep_removed) / reason / f"{source}-{rank:05d}.jsonl.zst"
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(dest, frames)
+            if not (parts := [p for p in parts if p.exists()]):
+                continue
+            dest = Path(self.job.keep_removed) / reason / f"{source}-{rank:05d}.jsonl.zst"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out)
+            os.replace(tmp, dest)

@@ -246,9 +246,10 @@ def _running(proc: psutil.Process) -> bool:
 
 
 def _title(proc: psutil.Process) -> str:
-    """The process's program and first words (Ray sets its workers' to `ray::<actor or IDLE>`)."""
+    """The process's name and first words of its command line (Ray sets its workers' to `ray::<actor or
+    IDLE>`). The name comes first: a long install path would push a program's own name out of the cut."""
     try:
-        return " ".join(proc.cmdline())[:80] or proc.name()
+        return f"{proc.name()} {' '.join(proc.cmdline())[:80]}"
     except psutil.Error:
         return "?"
 

@@ -543,10 +543,12 @@ def print_evaluation(results: dict[str, dict]) -> None:
     if not results:
         return
     documents = max(t["n"] for t in results["pretrain"]["tasks"].values())
+    rows = evaluation_rows(results)
+    width = max(len(label) for label, _ in rows)  # a source's name can be long: the columns stay aligned
     print(f"\nevaluation ({documents} documents per task; chance is CORE 0):")
-    print(f"{'':<22} " + " ".join(f"{name:>9}" for name in STAGES))
-    for label, values in evaluation_rows(results):
-        print(f"{label:<22} " + " ".join(f"{value:>9}" for value in values))
+    print(f"{'':<{width}} " + " ".join(f"{name:>9}" for name in STAGES))
+    for label, values in rows:
+        print(f"{label:<{width}} " + " ".join(f"{value:>9}" for value in values))
 
 
 def write_pipeline_report(steps: list[Step], results: dict[str, dict]) -> Path:

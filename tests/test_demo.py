@@ -224,7 +224,7 @@ def _assert_evaluated(stdout: str, out: Path) -> None:
     in each stage's report.md and model card, and in the pipeline's report."""
     side_by_side = stdout[stdout.index("\nevaluation (") + 1 :].split("\n\n")[0].splitlines()
     assert side_by_side[1].split() == ["pretrain", "sft", "dpo"], side_by_side
-    rows = {line[:22].strip(): line[22:].split() for line in side_by_side[2:]}
+    rows = {" ".join(line.split()[:-3]): line.split()[-3:] for line in side_by_side[2:]}
     for label in ("CORE (centered)", "arc_easy accuracy", "bits/byte pile", "bits/byte wudao"):
         assert len(rows[label]) == 3 and all(float(v) == float(v) for v in rows[label]), (label, rows)
     for name in ["pretrain", "sft", "dpo"]:

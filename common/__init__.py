@@ -5,7 +5,7 @@ the stage scripts use. It imports nothing of the project, so any layer may impor
 - progress: a live elapsed-time line for work that reports no progress of its own
 - memory: peak memory of this process (CPU resident set, or accelerator memory)
 - randomness: stateless seeded hashes and permutations, identical on every machine
-- processes: helper processes that exit when their parent dies
+- processes: helper processes that exit when their parent dies; a guard for what a killed process leaves
 """
 
 # Label value the loss skips (padding, prompt tokens, the last position after the shift): PyTorch's

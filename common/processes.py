@@ -10,6 +10,9 @@ would carry on just the same.
   kernel sends it SIGKILL (prctl PR_SET_PDEATHSIG); everywhere a daemon thread also watches the parent id,
   which changes when the parent dies.
 - `kill_with_parent()` is a subprocess `preexec_fn` that arms the same signal in a child program.
+- `stop_descendants_at_exit()` covers what neither can reach: processes started by a child program of
+  someone else's (Ray's agents, which a killed Ray leaves running for a minute while they try to report the
+  loss). A guard process stops whatever it saw below this one once this one has ended, however it ended.
 
 Linux sends the death signal when the *thread* that forked the child exits, not when the parent process
 does. Fork helpers from a thread that lives as long as they should: the main thread (a Pool's workers
@@ -21,15 +24,19 @@ each level arms its own.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 WATCH_INTERVAL_S = 1.0
+STOP_GRACE_S = 3.0
 
 
 def _find_prctl() -> Callable[..., int] | None:
@@ -100,3 +107,66 @@ def kill_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return arm
+
+
+# The guards started by stop_descendants_at_exit: a guard's stdin is its lifeline, closed (and the guard
+# set off) when this process ends, so the pipe must live exactly as long as the process does.
+_guards: list[subprocess.Popen] = []
+
+
+def stop_descendants_at_exit() -> None:
+    """Start a guard process that, once this process has ended (at exit, on a signal or by kill -9), stops
+    every process it saw below this one that still runs: SIGTERM, then SIGKILL after STOP_GRACE_S.
+
+    The guard samples this process's descendants every WATCH_INTERVAL_S, so call this once what should be
+    stopped has started (or will live for longer than that). A process it saw that ended is never mistaken
+    for a later one given the same pid (psutil compares start times). Ctrl-C in a terminal reaches the
+    guard too; it ignores it, and SIGTERM, so that it is still there when this process ends.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    code = f"import sys; sys.path.insert(0, {root!r}); from common.processes import _guard; _guard({os.getpid()})"
+    _guards.append(
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+
+
+def _guard(parent_pid: int) -> None:
+    """The guard's body: record the parent's descendants until its stdin closes, then stop them."""
+    import psutil  # only the guard needs it
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    me = os.getpid()
+    seen: dict[int, psutil.Process] = {}
+    parent_gone = threading.Event()
+
+    def record() -> None:
+        try:
+            parent = psutil.Process(parent_pid)
+            while True:
+                for process in parent.children(recursive=True):
+                    if process.pid != me:
+                        seen.setdefault(process.pid, process)
+                if parent_gone.wait(WATCH_INTERVAL_S):
+                    return
+        except psutil.NoSuchProcess:
+            return
+
+    recorder = threading.Thread(target=record, daemon=True)
+    recorder.start()
+    sys.stdin.buffer.read()  # returns at end of file: the parent's end of the pipe is closed, it has ended
+    parent_gone.set()
+    recorder.join()
+    running = [process for process in list(seen.values()) if process.is_running()]
+    for process in running:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, still_running = psutil.wait_procs(running, timeout=STOP_GRACE_S)
+    for process in still_running:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()

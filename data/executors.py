@@ -33,7 +33,7 @@ from datatrove.executor.ray import RayPipelineExecutor
 from datatrove.executor.slurm import SlurmPipelineExecutor
 from datatrove.utils.logging import logger
 
-from common.processes import exit_with_parent
+from common.processes import exit_with_parent, stop_descendants_at_exit
 from data.job import ShardingError
 
 EXECUTORS = ("local", "ray", "slurm")
@@ -235,9 +235,10 @@ def start_ray(address: str | None) -> None:
     """Connect to the Ray cluster at `address` (host:port), or start a Ray on this machine for the run.
 
     The Ray started here listens on 127.0.0.1 only, and its processes end with this one: at exit, and on
-    Linux when this one is killed (Ray's fate sharing; after a kill -9, two of Ray's agents first report
-    the loss and exit about a minute later). It starts afresh whatever /tmp/ray holds (address "local": a
-    stale cluster file there is never attached to).
+    Linux when this one is killed (Ray's fate sharing). After a kill -9, two of Ray's agents would first
+    spend a minute trying to report the loss to the Ray that is gone; a guard process stops them
+    (common/processes.py). It starts afresh whatever /tmp/ray holds (address "local": a stale cluster file
+    there is never attached to).
     """
     if address is None and "ray" not in sys.modules:
         os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
@@ -247,6 +248,8 @@ def start_ray(address: str | None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+        if address is None:  # Ray's agents are up once init returns (and the guard looks again each second)
+            stop_descendants_at_exit()
 
 
 def _check_reachable(address: str) -> None:

@@ -141,6 +141,40 @@ time.sleep(60)
     assert_child_dies_with_parent(parent)
 
 
+# --- stop_descendants_at_exit: what a child program of someone else's leaves behind ------------------------
+
+# A grandchild of the kind the guard exists for: in a session of its own, armed with no death signal, so
+# nothing but the guard stops it; `ignore_term` makes it shrug off SIGTERM, leaving SIGKILL to the guard.
+GUARDED_PARENT = """
+import subprocess, sys, time
+from common.processes import stop_descendants_at_exit
+code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)" if {ignore_term} else "import time; time.sleep(60)"
+child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+stop_descendants_at_exit()
+print(child.pid, flush=True)
+print("ready", flush=True)
+time.sleep({parent_lives})
+"""
+
+
+@pytest.mark.parametrize("ignore_term", [False, True], ids=["plain", "ignores SIGTERM"])
+def test_stop_descendants_at_exit_after_kill_9(ignore_term):
+    # within: the guard's SIGTERM, then its SIGKILL STOP_GRACE_S later
+    assert_child_dies_with_parent(GUARDED_PARENT.format(ignore_term=ignore_term, parent_lives=60), within=8)
+
+
+def test_stop_descendants_at_exit_after_a_normal_exit():
+    parent, child = parent_and_child(GUARDED_PARENT.format(ignore_term=False, parent_lives=1))
+    try:
+        assert parent.wait(timeout=20) == 0
+        assert still_running([child], within=5) == [], f"child {child.pid} outlived its parent"
+    finally:
+        parent.kill()
+        kill_all([child])
+        parent.wait()
+        parent.stdout.close()
+
+
 # --- the sharder's worker pool -------------------------------------------------------------------------
 
 

@@ -330,6 +330,34 @@ def test_ray_started_for_the_run_stays_on_loopback_and_leaves_nothing(reference,
         watch.kill_leftovers()
 
 
+@needs_ray
+def test_kill_9_of_a_run_that_started_its_ray_leaves_nothing(reference, tmp_path_factory):
+    """Ray's agents would spend a minute reporting the loss of their Ray; the run's guard stops them."""
+    inputs, _ = reference
+    root = tmp_path_factory.mktemp("raykill")  # a short path: Ray's socket paths have a length limit
+    out = root / "out"
+    process = subprocess.Popen(
+        [*SHARD, *map(str, inputs), "--output-dir", str(out), "--executor", "ray", "--workers", "2", *ARGS],
+        env={**ray_env(root), "OPEN_LLAMA_SHARD_DELAY": "0.05"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    watch = ProcessWatch(process.pid)
+    try:
+        with watch:
+            deadline = time.monotonic() + 90
+            while not list(out.glob(".shard-state/work/*.jsonl.zst")) and time.monotonic() < deadline:
+                assert process.poll() is None, "the job finished before it could be killed"
+                time.sleep(0.01)
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        names = " ".join(watch.names())
+        assert "DashboardAgent" in names and "RuntimeEnvAgent" in names and "RankWorker" in names, names
+        assert not watch.alive(within=15), "processes of the killed run still running"
+    finally:
+        watch.kill_leftovers()
+
+
 class RayCluster:
     def __init__(self, address: str, env: dict, nodes: list[subprocess.Popen], watch: ProcessWatch) -> None:
         self.address, self.env, self.nodes, self.watch = address, env, nodes, watch

@@ -20,8 +20,10 @@ import functools
 import math
 import os
 import pickle
+import shutil
 import socket
 import sys
+import tempfile
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +134,11 @@ class RayExecutor(RayPipelineExecutor):
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
         exit_with_parent()
+        # datatrove writes a task's log to <temporary folder>/ray_logs/logs/task_<rank>.log, then copies it
+        # into the stage's logs/ folder. A temporary folder of the task's own, removed after, keeps two runs
+        # on one node from writing the same file and leaves nothing behind in /tmp.
+        system_tempdir = tempfile.tempdir
+        tempfile.tempdir = task_tempdir = tempfile.mkdtemp(prefix=f"open-llama-shard-task{rank:05d}-")
         try:
             return super()._run_for_rank(rank, local_rank, node_rank)
         except Exception as exc:
@@ -142,6 +149,9 @@ class RayExecutor(RayPipelineExecutor):
             with self.logging_dir.open(f"errors/{rank:05d}.pickle", "wb") as fh:
                 fh.write(saved)
             raise
+        finally:
+            tempfile.tempdir = system_tempdir
+            shutil.rmtree(task_tempdir, ignore_errors=True)
 
     def _failure(self, failed: list[int]) -> Exception:
         logs = self.logging_dir.resolve_paths("logs")

@@ -309,6 +309,8 @@ def test_ray_started_for_the_run_stays_on_loopback_and_leaves_nothing(reference,
     root = tmp_path_factory.mktemp("rayrun")
     out = root / "out"
     env = ray_env(root, loopback=False)  # data/executors.py's start_ray keeps it on 127.0.0.1 by itself
+    (root / "tmp").mkdir()
+    env["TMPDIR"] = str(root / "tmp")  # where datatrove puts its Ray tasks' logs before copying them
     process = subprocess.Popen(
         [*SHARD, *map(str, inputs), "--output-dir", str(out), "--executor", "ray", "--workers", "2", *ARGS],
         env=env,
@@ -326,6 +328,7 @@ def test_ray_started_for_the_run_stays_on_loopback_and_leaves_nothing(reference,
         assert "gcs_server" in names and "raylet" in names and "RankWorker" in names, names
         assert not watch.alive(), "Ray processes outlived the command"
         assert watch.listening and not watch.non_loopback(), watch.non_loopback()
+        assert list((root / "tmp").iterdir()) == []  # each task's temporary folder is gone
     finally:
         watch.kill_leftovers()
 
@@ -464,6 +467,8 @@ def test_a_failed_ray_task_stops_the_run_with_its_error(ray_cluster, tmp_path):
     assert result.returncode == 1
     assert f"error: {bad}:2: malformed JSON" in result.stderr and "(--strict)" in result.stderr
     assert time.monotonic() - began < 60  # not datatrove's wait for the failed stage, two minutes at a time
+    log = tmp_path / "out/.shard-state/logs/read/logs/task_00000.log"  # copied from the task's own folder
+    assert "malformed JSON" in log.read_text()
 
 
 def test_a_ray_address_where_nothing_listens_fails_at_once(tmp_path, capsys):

@@ -121,7 +121,8 @@ def stop_descendants_at_exit() -> None:
     The guard samples this process's descendants every WATCH_INTERVAL_S, so call this once what should be
     stopped has started (or will live for longer than that). A process it saw that ended is never mistaken
     for a later one given the same pid (psutil compares start times). Ctrl-C in a terminal reaches the
-    guard too; it ignores it, and SIGTERM, so that it is still there when this process ends.
+    guard too; it ignores it, and SIGTERM, so that it is still there when this process ends. A child this
+    process forks without exec holds the guard's pipe too: the guard then acts once both have ended.
     """
     root = str(Path(__file__).resolve().parent.parent)
     code = f"import sys; sys.path.insert(0, {root!r}); from common.processes import _guard; _guard({os.getpid()})"

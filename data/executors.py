@@ -135,10 +135,13 @@ class RayExecutor(RayPipelineExecutor):
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
         exit_with_parent()
         # datatrove writes a task's log to <temporary folder>/ray_logs/logs/task_<rank>.log, then copies it
-        # into the stage's logs/ folder. A temporary folder of the task's own, removed after, keeps two runs
-        # on one node from writing the same file and leaves nothing behind in /tmp.
+        # into the stage's logs/ folder. A temporary folder of the task's own, in the run's state folder
+        # and removed after, keeps two runs on one node from writing the same file and leaves nothing in
+        # /tmp: what a kill -9 leaves goes with the state folder when the run completes.
         system_tempdir = tempfile.tempdir
-        tempfile.tempdir = task_tempdir = tempfile.mkdtemp(prefix=f"open-llama-shard-task{rank:05d}-")
+        tasks_tempdir = self.logging_dir.resolve_paths("tmp")
+        os.makedirs(tasks_tempdir, exist_ok=True)
+        tempfile.tempdir = task_tempdir = tempfile.mkdtemp(prefix=f"task{rank:05d}-", dir=tasks_tempdir)
         try:
             return super()._run_for_rank(rank, local_rank, node_rank)
         except Exception as exc:

@@ -6,7 +6,8 @@ is written:
 
     config.json                      the options and inputs the state belongs to
     logs/<stage>/                    datatrove's logging folder of each stage: completions/ (a task that
-                                     finished is never run again), stats/, logs/
+                                     finished is never run again), stats/, logs/; on Ray also tmp/, each
+                                     task's temporary folder while it runs (data/executors.py)
     work/<input>-<shard>.jsonl.zst   the documents an input kept after reading and curation
     counts/<step>/<input>.json       what each step counted for each input (summed into the manifest)
     exact/, near/                    the signatures and duplicate lists of datatrove's dedup stages

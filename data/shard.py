@@ -168,7 +168,9 @@ def shard_inputs(
     try:
         result = run_job(job, job_config(paths, job), executor, progress)
     except InputError as exc:  # only raised under --strict
-        raise ShardingError(f"{exc} (--strict)") from exc
+        error = ShardingError(f"{exc} (--strict)")
+        error.__notes__ = list(getattr(exc, "__notes__", ()))  # where it happened (a Ray task's log)
+        raise error from exc
     return ShardSummary(
         output_dir,
         result.manifest,
@@ -311,15 +313,13 @@ def main(argv: list[str] | None = None) -> int:
             executor=executor,
             progress=config.progress,
         )
-    except (ShardingError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ShardingError, InputError, OSError) as exc:
+        # a note says where it happened (a Ray task's log, say): data/executors.py adds one
+        print("\n".join([f"error: {exc}", *getattr(exc, "__notes__", ())]), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     print(summary.format(), file=sys.stderr)
     return 3 if summary.failed_inputs else 0
 

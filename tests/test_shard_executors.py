@@ -468,7 +468,7 @@ def test_a_failed_ray_task_stops_the_run_with_its_error(ray_cluster, tmp_path):
     assert f"error: {bad}:2: malformed JSON" in result.stderr and "(--strict)" in result.stderr
     assert time.monotonic() - began < 60  # not datatrove's wait for the failed stage, two minutes at a time
     log = tmp_path / "out/.shard-state/logs/read/logs/task_00000.log"  # copied from the task's own folder
-    assert "malformed JSON" in log.read_text()
+    assert f"(task 0 on Ray; its log: {log})" in result.stderr and "malformed JSON" in log.read_text()
 
 
 def test_a_ray_address_where_nothing_listens_fails_at_once(tmp_path, capsys):

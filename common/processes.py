@@ -163,7 +163,7 @@ def _guard(parent_pid: int) -> None:
     sys.stdin.buffer.read()  # returns at end of file: the parent's end of the pipe is closed, it has ended
     parent_gone.set()
     recorder.join()
-    running = [process for process in list(seen.values()) if process.is_running()]
+    running = [process for process in seen.values() if process.is_running()]
     for process in running:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()

@@ -169,7 +169,8 @@ def shard_inputs(
         result = run_job(job, job_config(paths, job), executor, progress)
     except InputError as exc:  # only raised under --strict
         error = ShardingError(f"{exc} (--strict)")
-        error.__notes__ = list(getattr(exc, "__notes__", ()))  # where it happened (a Ray task's log)
+        for note in getattr(exc, "__notes__", ()):  # where it happened (a Ray task's log)
+            error.add_note(note)
         raise error from exc
     return ShardSummary(
         output_dir,
